@@ -1,0 +1,135 @@
+"""Load and save models in the Hugging Face folder layout.
+
+A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
+`model.safetensors.index.json`, `tokenizer.json`, and `generation_config.json`. Our parameter names
+are the HF names, so no renaming table is needed. Weights are read only through safetensors.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer, rope_inverse_frequencies
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def atomic_write(path: str | Path, write):
+    """Call write(temporary_path), fsync the file and rename it to `path`, so a crash leaves either
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+    atomic_write(path, write)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    if (folder / INDEX_NAME).is_file():
+        with open(folder / INDEX_NAME) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME} found")
+
+
+def load_state_dict(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]:
+    state = {}
+    for path in weight_files(Path(folder)):
+        try:
+            state.update(load_file(path, device=str(device)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from e
+    return state
+
+
+def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Load an HF-layout folder into our Transformer; dtype None keeps the stored dtype."""
+    folder = Path(path)
+    config = ModelConfig.from_hf(folder)
+    state = load_state_dict(folder, device)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: weights do not match config.json: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # the rope buffer is not stored in checkpoints: rebuild it on the real device
+    model.inv_freq = rope_inverse_frequencies(config).to(device)
+    return model
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
+                    max_shard_bytes: int | None = None):
+    """Write the HF layout; with max_shard_bytes, split the weights into shards plus an index."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper must not leak into names
+    config = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # stored once, as the input embedding
+
+    shards, current, size = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata=metadata))
+        (folder / INDEX_NAME).unlink(missing_ok=True)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(folder / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (folder / WEIGHTS_NAME).unlink(missing_ok=True)
+
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    generation = {}
+    if tokenizer is not None:
+        hf_config["eos_token_id"] = tokenizer.eos_id
+        hf_config["pad_token_id"] = tokenizer.pad_id
+        if tokenizer.bos_id is not None:
+            hf_config["bos_token_id"] = tokenizer.bos_id
+        tokenizer.save(folder)
+        # any server that honours generation_config.json stops at the marker, as PCL inference does
+        generation = {"eos_token_id": [tokenizer.eos_id, tokenizer.marker_id], "pad_token_id": tokenizer.pad_id}
+    write_json(folder / "config.json", hf_config)
+    write_json(folder / "generation_config.json", generation)

@@ -1,0 +1,123 @@
+"""Model configuration: one dataclass for the Llama / Qwen2 / Qwen3 families.
+
+Family differences are fields, not subclasses: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3),
+tied embeddings, rope theta and llama3 rope scaling.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+# Architectures we can load, with the family-specific defaults that their HF config.json may omit.
+ARCHITECTURES = {
+    "LlamaForCausalLM": dict(model_type="llama", attention_bias=False, qk_norm=False),
+    "Qwen2ForCausalLM": dict(model_type="qwen2", attention_bias=True, qk_norm=False),
+    "Qwen3ForCausalLM": dict(model_type="qwen3", attention_bias=False, qk_norm=True),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF "rope_scaling"; only rope_type "llama3" is supported
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head of q and k before rope (Qwen3)
+    tie_word_embeddings: bool = False
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged on save
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ("llama3", "default"):
+                raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: llama3")
+
+    @classmethod
+    def from_hf(cls, source: str | Path | dict) -> "ModelConfig":
+        """Build from an HF config.json (a path to the file or its folder, or the parsed dict)."""
+        if isinstance(source, dict):
+            hf, where = dict(source), "config dict"
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: config.json not found; --init must be an HF model folder")
+            with open(path) as f:
+                hf, where = json.load(f), str(path)
+        architectures = hf.pop("architectures", None) or ["LlamaForCausalLM"]
+        architecture = architectures[0]
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"{where}: field 'architectures': unsupported architecture {architecture!r}; "
+                f"supported: {', '.join(ARCHITECTURES)}"
+            )
+        known = {f.name for f in fields(cls)} - {"architecture", "extra", "qk_norm"}
+        kwargs = {k: hf.pop(k) for k in list(hf) if k in known}
+        family = ARCHITECTURES[architecture]
+        kwargs.setdefault("attention_bias", family["attention_bias"])
+        return cls(**kwargs, architecture=architecture, qk_norm=family["qk_norm"], extra=hf)
+
+    def to_hf(self) -> dict:
+        """The HF config.json dict: loadable by transformers' AutoConfig for the same architecture."""
+        hf = dict(self.extra)
+        hf.update({k: v for k, v in asdict(self).items() if k not in ("architecture", "extra", "qk_norm")})
+        hf["architectures"] = [self.architecture]
+        hf["model_type"] = ARCHITECTURES[self.architecture]["model_type"]
+        if hf["model_type"] == "qwen2":
+            hf.pop("attention_bias")  # Qwen2 always has q/k/v bias; its config has no such field
+        hf.setdefault("hidden_act", "silu")
+        return hf
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def num_parameters(self) -> int:
+        D, H, K, Dh, F = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
+                          self.head_dim, self.intermediate_size)
+        attention = D * H * Dh * 2 + D * K * Dh * 2 + (H * Dh + 2 * K * Dh) * self.attention_bias
+        block = attention + 3 * D * F + 2 * D + 2 * Dh * self.qk_norm
+        embeddings = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
+        return self.num_hidden_layers * block + embeddings + D
+
+
+# Named shapes for models created from scratch. vocab_size is replaced by the tokenizer's size.
+PRESETS = {
+    # the unit tests' model: a few thousand parameters per layer
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256),
+    # the default run's model: trains on the synthetic task in minutes on two CPU cores
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+}
