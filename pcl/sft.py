@@ -1,0 +1,178 @@
+"""Dual-track SFT: the reasoning track and the evaluation track.
+
+Reasoning track: (prompt, gold completion, marker), trained on the completion and the marker.
+Evaluation track: (prompt, a completion that may be wrong, marker, evaluation, reward, eos), trained
+only after the marker, so a wrong completion is graded but never imitated. Its completions come from
+the model's own samples, scored by the reward rules; for a cold start, gold completions and
+corrupted gold completions supply both classes.
+
+    L_sft = L_reason + lambda_eval * L_eval + lambda_score * L_score
+
+with L_score the score regression of pcl.losses.
+"""
+
+import random
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from data import Row, format_prompt
+from model.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
+from pcl import rewards
+from pcl.losses import score_regression_fused, score_regression_reference, token_cross_entropy
+from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Sequence, collate, completion_text,
+                          evaluation_track, first_score_mask, prompt_ids, reasoning_track, target_mask)
+
+
+@dataclass
+class SFTConfig:
+    batch_size: int = 16  # reasoning-track sequences per step
+    eval_batch_size: int = 16  # evaluation-track sequences per step, half from each class when possible
+    lambda_eval: float = 1.0
+    lambda_score: float = 1.0
+    pool_size: int = 512  # evaluation-track examples kept per class; the newest replace the oldest
+
+
+@dataclass
+class EvalExample:
+    sequence: Sequence
+    reward: float  # true total reward r: the score-regression target
+    correct: bool  # accuracy sub-reward is 1: the class that sampling balances
+
+
+def gold_completion(row: Row) -> str:
+    return completion_text(row.reasoning, row.answer)
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def corrupt_completion(task: str, row: Row, rng: random.Random) -> str:
+    """A plausible wrong completion of `row` for the evaluation track's cold start.
+
+    Half the time the answer is changed (for numbers, the final result is changed consistently in
+    the reasoning too, so the grader must check the arithmetic rather than compare two numbers);
+    otherwise a tag is broken, which fails the format rule.
+    """
+    if rng.random() < 0.5:
+        if task == "strategyqa":
+            wrong = "no" if row.answer == "yes" else "yes"
+            return completion_text(row.reasoning, wrong)
+        if task == "mathqa":
+            letters = [k for k in (row.options or {}) if k != row.answer] or ["a"]
+            return completion_text(row.reasoning, rng.choice(letters))
+        if _NUMBER.fullmatch(row.answer):
+            value = int(row.answer)
+            wrong = str(max(0, value + rng.choice([-1, 1]) * rng.randint(1, 9)))
+            if wrong == row.answer:
+                wrong = str(value + 1)
+            head, sep, tail = row.reasoning.rpartition(row.answer)
+            reasoning = head + wrong + tail if sep else row.reasoning
+            return completion_text(reasoning, wrong)
+        return completion_text(row.reasoning, row.answer + "0")
+    breakages = [
+        lambda: f"{THINK}{row.reasoning}{THINK_END}{ANSWER}{row.answer}",  # unclosed answer
+        lambda: f"{row.reasoning}{ANSWER}{row.answer}{ANSWER_END}",  # no think block
+        lambda: f"{THINK}{row.reasoning}{THINK_END}{ANSWER}{ANSWER_END}",  # empty answer
+        lambda: f"{THINK}{THINK_END}{ANSWER}{row.answer}{ANSWER_END}",  # empty think
+    ]
+    return rng.choice(breakages)()
+
+
+class EvaluationTrack:
+    """Pool of evaluation-track examples, kept per class (answer right or wrong)."""
+
+    def __init__(self, tok: Tokenizer, task: str, weights: rewards.RewardWeights, pool_size: int):
+        self.tok, self.task, self.weights = tok, task, weights
+        self.pools = {True: deque(maxlen=pool_size), False: deque(maxlen=pool_size)}
+        self.added = {"cold_start": 0, "samples": 0}
+
+    def add(self, row: Row, prompt: list[int], completion: list[int], source: str = "samples") -> EvalExample:
+        """Score `completion` (ids before the marker) with the reward rules and store it graded."""
+        scores = rewards.score(self.task, self.tok.decode(completion), row.answer, self.weights, row.options)
+        evaluation, reward = rewards.render_evaluation(scores.accuracy, scores.format, self.weights)
+        sequence = evaluation_track(self.tok, prompt, completion, evaluation, reward)
+        example = EvalExample(sequence, scores.total, bool(scores.accuracy))
+        self.pools[example.correct].append(example)
+        self.added[source] += 1
+        return example
+
+    def cold_start(self, rows: list[Row], rng: random.Random):
+        """Fill the pool from gold completions (mostly right) and corrupted ones (wrong)."""
+        for row in rows:
+            prompt = prompt_ids(self.tok, format_prompt(self.task, row))
+            for text in (gold_completion(row), corrupt_completion(self.task, row, rng)):
+                self.add(row, prompt, self.tok.encode(text), source="cold_start")
+
+    def sample(self, n: int, rng: random.Random) -> list[EvalExample]:
+        """n examples, half from each class when both have some."""
+        right, wrong = list(self.pools[True]), list(self.pools[False])
+        if not right or not wrong:
+            pool = right or wrong
+            return [rng.choice(pool) for _ in range(n)] if pool else []
+        half = n // 2
+        return [rng.choice(right) for _ in range(n - half)] + [rng.choice(wrong) for _ in range(half)]
+
+    def stats(self) -> dict:
+        right, wrong = len(self.pools[True]), len(self.pools[False])
+        return {"pool_right": right, "pool_wrong": wrong, **{f"added_{k}": v for k, v in self.added.items()}}
+
+
+class ScoreHead:
+    """Candidate score tokens and their values, for the score regression.
+
+    Every value the true reward can take must be a single token, so that the position before
+    the score predicts the whole score.
+    """
+
+    def __init__(self, tok: Tokenizer, weights: rewards.RewardWeights, device):
+        values = weights.reward_values()
+        ids = []
+        for value in values:
+            encoded = tok.encode(rewards.format_number(value))
+            if len(encoded) != 1:
+                raise ValueError(
+                    f"reward value {rewards.format_number(value)!r} is {len(encoded)} tokens; score regression "
+                    "needs one token per value: choose reward weights with one-token values or set --lambda-score 0"
+                )
+            ids.append(encoded[0])
+        self.ids = torch.tensor(ids, device=device)  # (K,)
+        self.values = torch.tensor(values, dtype=torch.float32, device=device)  # (K,)
+
+
+def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], score_head: ScoreHead | None,
+             cfg: SFTConfig, pad_id: int, compile: bool = True, reference: bool = False):
+    """L_sft over one batch of both tracks in a single forward pass; returns (loss, stats).
+
+    Each term is a mean over its own valid positions. `reference` uses the eager score regression.
+    """
+    device = model.lm_head.weight.device
+    sequences = reasoning + [e.sequence for e in evaluation]
+    input_ids, segment_ids = collate(sequences, pad_id, device)  # (B, T)
+    is_reasoning_row = torch.zeros(len(sequences), dtype=torch.bool, device=device)
+    is_reasoning_row[:len(reasoning)] = True
+    logits = model(input_ids)[:, :-1]  # (B, T-1, V)
+    targets = input_ids[:, 1:]
+
+    # the evaluation track's completion is REASONING too, so each track's rows are selected explicitly
+    reason_mask = target_mask(segment_ids, REASONING_TRACK) & is_reasoning_row[:, None]
+    eval_mask = target_mask(segment_ids, EVALUATION_TRACK) & ~is_reasoning_row[:, None]
+    n_reason, n_eval = reason_mask.sum(), eval_mask.sum()
+    loss_reason = token_cross_entropy(logits, targets, reason_mask) / n_reason.clamp(min=1)
+    loss_eval = token_cross_entropy(logits, targets, eval_mask) / n_eval.clamp(min=1)
+
+    loss_score = torch.zeros((), device=device)
+    if score_head is not None and evaluation and cfg.lambda_score > 0:
+        score_mask = first_score_mask(segment_ids) & ~is_reasoning_row[:, None]
+        score_targets = torch.tensor([0.0] * len(reasoning) + [e.reward for e in evaluation], device=device)
+        regression = score_regression_reference if reference else score_regression_fused
+        kwargs = {} if reference else {"compile": compile}
+        loss_score = regression(logits, score_mask, score_head.ids, score_head.values, score_targets, **kwargs)
+        loss_score = loss_score / score_mask.sum().clamp(min=1)
+
+    loss = loss_reason + cfg.lambda_eval * loss_eval + cfg.lambda_score * loss_score
+    stats = {"sft_reason": loss_reason.item(), "sft_eval": loss_eval.item(), "sft_score": loss_score.item(),
+             "sft_tokens": int(n_reason + n_eval)}
+    return loss, stats

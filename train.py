@@ -1,0 +1,442 @@
+"""Post-Completion Learning trainer: dual-track SFT, white-box GRPO, or both at once (hybrid).
+
+    python train.py --phase hybrid                  # synthetic task, small model created here
+    python train.py --phase sft --data gsm8k --data-dir ../shared/data/gsm8k --init MODEL_DIR
+
+Without --init the model starts from random weights, so the rl and hybrid phases first run
+--warmup-steps dual-track SFT steps: GRPO needs a policy that already writes the format.
+Outputs in --out: run_config.json, metrics.jsonl (one JSON object per step), summary.json,
+eval_samples.jsonl, the tokenizer, and the final model in model/ (HF layout).
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+import time
+import tomllib
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, DataError, Row, format_prompt, load_rows
+from eval.evaluate import evaluate
+from model.checkpoint import load_pretrained, save_pretrained, write_json
+from model.config import PRESETS, ModelConfig
+from model.generate import generate
+from model.tokenizer import Tokenizer, train_tokenizer
+from model.transformer import Transformer
+from pcl import rewards
+from pcl.grpo import GRPOConfig, collect_rollouts, grpo_loss, rollout_stats
+from pcl.sequence import prompt_ids, reasoning_track
+from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_loss
+
+log = logging.getLogger("train")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    phase: str = "hybrid"
+    data: str = "synthetic"
+    data_dir: str | None = None
+    train_examples: int | None = None
+    eval_examples: int = 200
+    init: str | None = None
+    preset: str = "small"
+    vocab_size: int = 2048
+    out: str = "runs/default"
+    steps: int = 100
+    warmup_steps: int = 600
+    lr: float = 1e-4
+    warmup_lr: float = 3e-3
+    lr_warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = True
+    log_every: int = 10
+    sample_every: int = 20
+    eval_batch_size: int = 100
+    max_evaluation_tokens: int = 48
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="TOML file setting any of the options below (dashes or underscores); "
+                                    "command-line flags override it")
+    run = p.add_argument_group("run")
+    run.add_argument("--phase", choices=["sft", "rl", "hybrid"], default="hybrid",
+                     help="sft: dual-track SFT; rl: GRPO with white-box rewards; hybrid: GRPO + lambda_sft * SFT each step")
+    run.add_argument("--out", default="runs/default", help="run directory for outputs")
+    run.add_argument("--steps", type=int, default=100, help="optimizer steps of the requested phase")
+    run.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and sampling")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="compute dtype (bfloat16 runs under autocast; weights and optimizer state stay float32)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                     help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
+    run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", choices=DATASETS, default="synthetic", help="dataset")
+    data.add_argument("--data-dir", help="folder with the dataset files (all datasets but synthetic)")
+    data.add_argument("--train-examples", type=int, help="use only the first N training rows")
+    data.add_argument("--eval-examples", type=int, default=200, help="held-out rows evaluated at the end")
+    data.add_argument("--eval-batch-size", type=int, default=100, help="rows generated together at evaluation")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--init", help="HF model folder to start from (config.json, safetensors, tokenizer.json)")
+    model.add_argument("--preset", choices=list(PRESETS), default="small", help="model shape when starting from scratch")
+    model.add_argument("--vocab-size", type=int, default=2048,
+                       help="largest vocabulary of the tokenizer trained when starting from scratch")
+
+    opt = p.add_argument_group("optimization")
+    opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the requested phase")
+    opt.add_argument("--warmup-steps", type=int, default=600,
+                     help="dual-track SFT steps run before rl or hybrid when there is no --init")
+    opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those SFT steps")
+    opt.add_argument("--lr-warmup", type=int, default=10, help="steps of linear learning-rate warm-up per stage")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
+
+    sft = p.add_argument_group("dual-track SFT")
+    sft.add_argument("--batch-size", type=int, default=16, help="reasoning-track sequences per step")
+    sft.add_argument("--eval-track-batch-size", type=int, default=16,
+                     help="evaluation-track sequences per step, balanced between right and wrong answers")
+    sft.add_argument("--lambda-eval", type=float, default=1.0, help="weight of the evaluation-track cross-entropy")
+    sft.add_argument("--lambda-score", type=float, default=1.0, help="weight of the score-regression loss")
+    sft.add_argument("--lambda-sft", type=float, default=1.0, help="weight of the SFT loss in hybrid steps")
+    sft.add_argument("--pool-size", type=int, default=512, help="evaluation-track examples kept per class")
+    sft.add_argument("--cold-start-examples", type=int, default=512,
+                     help="training rows whose gold and corrupted completions seed the evaluation track")
+    sft.add_argument("--sample-every", type=int, default=20,
+                     help="in sft steps: sample the model on training prompts every N steps to refresh the "
+                          "evaluation track (0: cold-start data only)")
+
+    rl = p.add_argument_group("GRPO")
+    rl.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
+    rl.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step")
+    rl.add_argument("--max-new-tokens", type=int, default=96, help="length limit of a sampled completion, post-completion part included")
+    rl.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    rl.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold of rollouts")
+    rl.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the importance ratio")
+    rl.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL penalty to the frozen reference")
+    rl.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+                    help="divide advantages by the group's reward standard deviation")
+    rl.add_argument("--split-advantage", action="store_true",
+                    help="tokens up to the marker get the advantage of accuracy + format, tokens after it "
+                         "the advantage of consistency (default: all get the advantage of the total reward)")
+
+    rw = p.add_argument_group("rewards")
+    rw.add_argument("--w-acc", type=float, default=1.0, help="weight of the accuracy reward")
+    rw.add_argument("--w-fmt", type=float, default=1.0, help="weight of the format reward")
+    rw.add_argument("--w-con", type=float, default=1.0, help="weight of the consistency reward")
+    rw.add_argument("--graded-consistency", action="store_true",
+                    help="consistency reward 1 - |r_hat - r| / r_max instead of exact match")
+    rw.add_argument("--max-evaluation-tokens", type=int, default=48,
+                    help="length limit of the post-completion part generated at evaluation")
+
+    args = p.parse_args(argv)
+    if args.config:
+        with open(args.config, "rb") as f:
+            overrides = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+        unknown = sorted(set(overrides) - set(vars(args)))
+        if unknown:
+            p.error(f"{args.config}: unknown options {unknown}")
+        # flags given on the command line win over the file
+        p.set_defaults(**overrides)
+        args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args):
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.lr <= 0 or args.warmup_lr <= 0:
+        p.error("--lr and --warmup-lr must be positive")
+    if args.phase in ("rl", "hybrid") and args.group_size < 2:
+        p.error(f"--group-size must be at least 2 for GRPO (advantages compare samples of a group), got {args.group_size}")
+    if args.data != "synthetic" and not args.data_dir:
+        p.error(f"--data {args.data} reads local files: pass --data-dir")
+    if args.eval_examples < 1:
+        p.error("--eval-examples must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tokenizer_texts(task: str, rows: list[Row], weights: rewards.RewardWeights) -> list[str]:
+    """Texts a from-scratch tokenizer learns from: prompts, gold completions, evaluation texts."""
+    texts = []
+    for row in rows:
+        texts += [format_prompt(task, row), row.reasoning, row.answer]
+    for acc in (0, 1):
+        for fmt in (0, 1):
+            texts += rewards.render_evaluation(acc, fmt, weights)
+    return texts
+
+
+def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transformer]:
+    if args.init:
+        tok = Tokenizer.from_folder(args.init)
+        model = load_pretrained(args.init, dtype=torch.float32)
+        if tok.vocab_size > model.config.vocab_size:
+            log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
+            model.resize_token_embeddings(tok.vocab_size)
+        return tok, model
+
+    # from scratch: a tokenizer trained on this task at first use and cached in the run directory
+    cached = out / "tokenizer"
+    if (cached / "tokenizer.json").is_file():
+        tok = Tokenizer.from_folder(cached)
+        log.info("tokenizer: %s (cached, %d ids)", cached, tok.vocab_size)
+    else:
+        tok = train_tokenizer(tokenizer_texts(args.data, train_rows[:5000], weights), args.vocab_size)
+        tok.save(cached)
+        log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)
+    config = ModelConfig.from_preset(args.preset, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                     pad_token_id=tok.pad_id)
+    model = Transformer(config)
+    model.init_weights(seed=args.seed)
+    log.info("model: preset %s, %.2fM parameters", args.preset, sum(p.numel() for p in model.parameters()) / 1e6)
+    return tok, model
+
+
+class RowSampler:
+    """Training rows in a seeded random order, reshuffled each epoch."""
+
+    def __init__(self, rows: list[Row], seed: int):
+        self.rows, self.seed = rows, seed
+        self.epoch, self.position = 0, 0
+        self.order = self._shuffled()
+
+    def _shuffled(self):
+        order = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Row]:
+        batch = []
+        while len(batch) < n:
+            if self.position == len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self.order = self._shuffled()
+            batch.append(self.rows[self.order[self.position]])
+            self.position += 1
+        return batch
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class Trainer:
+    def __init__(self, args, tok, model, train_rows, test_rows, weights, device, out: Path):
+        self.args, self.tok, self.model, self.device, self.out = args, tok, model, device, out
+        self.train_rows, self.test_rows, self.weights = train_rows, test_rows, weights
+        self.rng = random.Random(args.seed)
+        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.sampler = RowSampler(train_rows, args.seed)
+        self.sft_cfg = SFTConfig(args.batch_size, args.eval_track_batch_size, args.lambda_eval,
+                                 args.lambda_score, args.pool_size)
+        self.grpo_cfg = GRPOConfig(args.group_size, args.prompts_per_step, args.max_new_tokens, args.temperature,
+                                   args.top_p, args.clip_eps, args.kl_coef, args.scale_rewards, args.split_advantage)
+        self.score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
+        self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size)
+        self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                         else nullcontext())
+        self.ref_model = None
+        self.step = 0  # optimizer steps over all stages
+        self.metrics_file = open(out / "metrics.jsonl", "a")
+
+    # one step of each kind -------------------------------------------------------------------
+
+    def sft_batch(self):
+        rows = self.sampler.next(self.sft_cfg.batch_size)
+        reasoning = [reasoning_track(self.tok, prompt_ids(self.tok, format_prompt(self.args.data, r)), gold_completion(r))
+                     for r in rows]
+        evaluation = self.eval_track.sample(self.sft_cfg.eval_batch_size, self.rng)
+        return reasoning, evaluation
+
+    def sft_objective(self):
+        reasoning, evaluation = self.sft_batch()
+        return sft_loss(self.model, reasoning, evaluation, self.score_head, self.sft_cfg, self.tok.pad_id,
+                        compile=self.args.compile)
+
+    def refresh_evaluation_track(self):
+        """Sample the current model on training prompts, as inference does, and grade the samples."""
+        rows = self.sampler.next(self.args.prompts_per_step)
+        prompts = [prompt_ids(self.tok, format_prompt(self.args.data, r)) for r in rows]
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            out = generate(self.model, prompts, self.args.max_new_tokens, stop_ids=[self.tok.marker_id, self.tok.eos_id],
+                           pad_id=self.tok.pad_id, num_samples=2, temperature=1.0, generator=self.generator)
+        self.model.train()
+        for i, ids in enumerate(out.tokens):
+            self.add_sample(rows[i // 2], prompts[i // 2], ids)
+
+    def add_sample(self, row, prompt, completion):
+        """Put the part of a sample before the marker into the evaluation track."""
+        if self.tok.marker_id in completion:
+            completion = completion[:completion.index(self.tok.marker_id)]
+        elif completion and completion[-1] == self.tok.eos_id:
+            completion = completion[:-1]
+        self.eval_track.add(row, prompt, completion)
+
+    def rl_objective(self, with_sft: bool):
+        rows = self.sampler.next(self.grpo_cfg.prompts_per_step)
+        with self.autocast:
+            rollouts = collect_rollouts(self.model, self.tok, self.args.data, rows, self.grpo_cfg, self.weights,
+                                        self.generator)
+        stats = rollout_stats(rollouts, self.grpo_cfg.group_size)
+        loss, grpo_stats = grpo_loss(self.model, self.ref_model, rollouts, self.grpo_cfg)
+        stats.update(grpo_stats)
+        if with_sft:
+            # the rollouts, graded by the reward rules, are fresh evaluation-track data
+            for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
+                self.add_sample(row, prompt, completion)
+            sft, sft_stats = self.sft_objective()
+            loss = loss + self.args.lambda_sft * sft
+            stats.update(sft_stats)
+        return loss, stats
+
+    # stages -------------------------------------------------------------------------------------
+
+    def run_stage(self, phase: str, steps: int, peak_lr: float):
+        args = self.args
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=peak_lr, weight_decay=args.weight_decay,
+                                      betas=(0.9, 0.95))
+        if phase in ("rl", "hybrid") and args.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.model.train()
+        bar = tqdm(range(steps), desc=phase, dynamic_ncols=True, disable=None)
+        for stage_step in bar:
+            t0 = time.perf_counter()
+            lr = learning_rate(stage_step, steps, peak_lr, args.lr_warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            if phase == "sft" and args.sample_every and stage_step % args.sample_every == args.sample_every - 1:
+                self.refresh_evaluation_track()
+            with self.autocast:
+                if phase == "sft":
+                    loss, stats = self.sft_objective()
+                else:
+                    loss, stats = self.rl_objective(with_sft=phase == "hybrid")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
+            optimizer.step()
+
+            self.step += 1
+            record = {"step": self.step, "phase": phase, "loss": loss.item(), "lr": lr,
+                      "grad_norm": grad_norm.item(), "dt": time.perf_counter() - t0, **stats}
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+            if stage_step % args.log_every == 0 or stage_step == steps - 1:
+                log.info(format_log_line(record, stage_step, steps))
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        self.ref_model = None
+
+    def evaluate(self):
+        with self.autocast:
+            return evaluate(self.model, self.tok, self.args.data, self.test_rows, self.weights,
+                            self.args.eval_batch_size, self.args.max_new_tokens, self.args.max_evaluation_tokens)
+
+
+def format_log_line(record: dict, stage_step: int, steps: int) -> str:
+    line = f"{record['phase']:6s} step {stage_step + 1:05d}/{steps:05d} | loss {record['loss']:.4f}"
+    for key, label in [("sft_reason", "reason"), ("sft_eval", "eval"), ("sft_score", "score"),
+                       ("reward", "reward"), ("reward_accuracy", "acc"), ("reward_consistency", "con"),
+                       ("grpo_kl", "kl"), ("groups_all_equal", "flat"), ("completion_length", "len")]:
+        if key in record:
+            line += f" | {label} {record[key]:.3f}"
+    return line + f" | lr {record['lr']:.1e} | dt {record['dt']:.2f}s"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(out / "run_config.json", vars(args))
+    seed_everything(args.seed)
+    device = select_device(args.device)
+
+    weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
+    try:
+        train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
+        test_rows = load_rows(args.data, "test", args.data_dir, limit=args.eval_examples, seed=args.seed)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    log.info("data: %s, %d training rows, %d held-out rows", args.data, len(train_rows), len(test_rows))
+
+    tok, model = build_model(args, train_rows, weights, out)
+    model.to(device)
+    trainer = Trainer(args, tok, model, train_rows, test_rows, weights, device, out)
+    log.info("evaluation track: %s", trainer.eval_track.stats())
+
+    summary = {}
+    if args.phase in ("rl", "hybrid") and not args.init and args.warmup_steps > 0:
+        log.info("no --init: running %d dual-track SFT steps before %s, so the policy writes the format",
+                 args.warmup_steps, args.phase)
+        trainer.run_stage("sft", args.warmup_steps, args.warmup_lr)
+        metrics, _ = trainer.evaluate()
+        summary["after_sft_warmup"] = metrics
+        log.info("after SFT warm-up: %s", json.dumps(metrics))
+    peak_lr = args.warmup_lr if args.phase == "sft" and not args.init else args.lr
+    trainer.run_stage(args.phase, args.steps, peak_lr)
+
+    metrics, records = trainer.evaluate()
+    summary.update(metrics)
+    summary.update({"phase": args.phase, "data": args.data, "steps": args.steps, "evaluation_track": trainer.eval_track.stats(),
+                    "wall_seconds": time.time() - started})
+    with open(out / "eval_samples.jsonl", "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    save_pretrained(model, tok, out / "model")
+    write_json(out / "summary.json", summary)
+    log.info("final: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    log.info("wrote %s (summary.json, metrics.jsonl, eval_samples.jsonl, model/)", out)
+
+
+if __name__ == "__main__":
+    main()
