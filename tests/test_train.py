@@ -1,0 +1,107 @@
+"""End-to-end: train.py runs every phase for a few steps on a tiny config and writes its outputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model.checkpoint import load_pretrained
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = ["--preset", "tiny", "--warmup-steps", "3", "--steps", "2", "--eval-examples", "4", "--train-examples", "40",
+        "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24", "--max-evaluation-tokens", "12",
+        "--batch-size", "4", "--eval-track-batch-size", "4", "--cold-start-examples", "8", "--sample-every", "2",
+        "--no-compile", "--log-every", "1"]
+SUMMARY_KEYS = ["accuracy", "format_rate", "reward_prediction_accuracy", "tokens_per_answer", "eval_examples",
+                "wall_seconds"]
+
+
+def run(tmp_path, *extra):
+    out = tmp_path / "run"
+    train.main([*TINY, "--out", str(out), *extra])
+    return out
+
+
+@pytest.mark.parametrize("phase", ["sft", "rl", "hybrid"])
+def test_phase_writes_outputs(tmp_path, phase):
+    out = run(tmp_path, "--phase", phase)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    assert summary["eval_examples"] == 4
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected_steps = 2 if phase == "sft" else 3 + 2
+    assert [s["step"] for s in steps] == list(range(1, expected_steps + 1))
+    assert all(s["phase"] == phase for s in steps[-2:])
+    assert (out / "run_config.json").is_file()
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_rl_phase_reports_warmup(tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = run(tmp_path, "--phase", "rl")
+    assert "running 3 dual-track SFT steps before rl" in caplog.text
+    summary = json.loads((out / "summary.json").read_text())
+    assert "after_sft_warmup" in summary
+
+
+def test_hybrid_logs_rl_metrics(tmp_path):
+    out = run(tmp_path, "--phase", "hybrid")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ["reward", "reward_accuracy", "reward_format", "reward_consistency", "grpo_kl", "sft_reason",
+                "sft_eval", "sft_score", "groups_all_equal", "completion_length"]:
+        assert key in last, key
+
+
+def test_saved_model_reloads(tmp_path):
+    out = run(tmp_path, "--phase", "sft")
+    model = load_pretrained(out / "model")
+    generation = json.loads((out / "model" / "generation_config.json").read_text())
+    assert len(generation["eos_token_id"]) == 2
+    assert model.config.num_hidden_layers == 2
+
+
+def test_init_from_saved_model(tmp_path):
+    first = run(tmp_path, "--phase", "sft")
+    second = tmp_path / "second"
+    train.main([*TINY, "--phase", "hybrid", "--init", str(first / "model"), "--out", str(second)])
+    steps = (second / "metrics.jsonl").read_text().splitlines()
+    assert len(steps) == 2  # with --init there is no SFT warm-up
+    reloaded = load_pretrained(second / "model")
+    assert reloaded.config.vocab_size == load_pretrained(first / "model").config.vocab_size
+
+
+def test_gsm8k_fixture_runs(tmp_path):
+    out = run(tmp_path, "--phase", "hybrid", "--data", "gsm8k", "--data-dir", str(FIXTURES / "gsm8k"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"] == "gsm8k"
+    assert summary["eval_examples"] == 2  # the fixture's test split has two rows
+
+
+def test_rejects_group_of_one(tmp_path):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--phase", "rl", "--group-size", "1")
+
+
+def test_config_file_sets_options(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('phase = "sft"\nlambda-eval = 0.5\nsteps = 7\n')
+    out = tmp_path / "run"
+    train.main([*TINY, "--config", str(config), "--out", str(out)])
+    resolved = json.loads((out / "run_config.json").read_text())
+    assert resolved["phase"] == "sft"
+    assert resolved["lambda_eval"] == 0.5
+    assert resolved["steps"] == 2  # the command line wins over the file
+
+
+def test_same_seed_same_losses(tmp_path):
+    first = run(tmp_path / "a", "--phase", "hybrid")
+    second = run(tmp_path / "b", "--phase", "hybrid")
+    losses = [[json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+              for out in (first, second)]
+    assert losses[0] == losses[1]
+    torch.testing.assert_close(load_pretrained(first / "model").lm_head.weight,
+                               load_pretrained(second / "model").lm_head.weight)
