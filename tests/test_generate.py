@@ -1,0 +1,236 @@
+import pytest
+import torch
+
+from model.generate import generate, sample_next, sampling_logprobs
+
+PAD = 0
+PROMPTS = [[5, 9, 12, 3, 7], [8, 2], [4, 11, 6, 1, 9, 13, 2, 10]]
+
+
+@pytest.fixture
+def model(make_model):
+    # lm_head std 0.5 (instead of 0.1) makes the greedy choice clear of float rounding
+    model = make_model(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+    return model
+
+
+def greedy_without_cache(model, prompt, max_new_tokens, stop_ids=()):
+    """Greedy tokens from a full forward over the whole sequence at every step."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(next_id)
+            ids.append(next_id)
+            if next_id in stop_ids:
+                break
+    return out
+
+
+def completion_logprobs(model, prompt, completion, temperature):
+    """log_softmax(logits / temperature) at each completion id, from one forward over prompt + completion."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1]  # (len(completion), V)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    return logprobs.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding against recomputation
+
+
+def test_greedy_matches_no_cache(model):
+    result = generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        assert result.tokens[i] == greedy_without_cache(model, prompt, 8), f"row {i}"
+
+
+def test_greedy_rows_leave_batch(model):
+    # stop each row at a different step, so later steps run with fewer rows in the cache
+    references = [greedy_without_cache(model, p, 10) for p in PROMPTS]
+    stop_ids = [[reference[k]] for reference, k in zip(references, (2, 5, 0))]
+    result = generate(model, PROMPTS, max_new_tokens=10, stop_ids=stop_ids, pad_id=PAD, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        assert result.tokens[i] == greedy_without_cache(model, prompt, 10, stop_ids[i]), f"row {i}"
+
+
+def test_greedy_pad_id_irrelevant(model):
+    first = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, temperature=0.0)
+    second = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=31, temperature=0.0)
+    assert first.tokens == second.tokens
+
+
+def test_greedy_logprobs_unscaled(model):
+    result = generate(model, PROMPTS, max_new_tokens=5, stop_ids=[], pad_id=PAD, temperature=0.0)
+    for i, prompt in enumerate(PROMPTS):
+        expected = completion_logprobs(model, prompt, result.tokens[i], temperature=1.0)
+        torch.testing.assert_close(result.logprobs[i], expected, atol=1e-5, rtol=0, msg=f"row {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled log-probabilities
+
+
+def test_logprobs_match_full_forward(model):
+    generator = torch.Generator().manual_seed(0)
+    result = generate(model, PROMPTS, max_new_tokens=7, stop_ids=[], pad_id=PAD, num_samples=3,
+                      temperature=0.7, generator=generator)
+    assert len(result.tokens) == 9
+    for row, tokens in enumerate(result.tokens):
+        prompt = PROMPTS[row // 3]
+        expected = completion_logprobs(model, prompt, tokens, temperature=0.7)
+        assert result.logprobs[row].dtype == torch.float32
+        torch.testing.assert_close(result.logprobs[row], expected, atol=1e-5, rtol=0, msg=f"row {row}")
+
+
+def test_logprobs_length(model):
+    result = generate(model, PROMPTS, max_new_tokens=7, stop_ids=[], pad_id=PAD, num_samples=2,
+                      temperature=1.0, generator=torch.Generator().manual_seed(0))
+    for row in range(6):
+        assert result.logprobs[row].shape == (len(result.tokens[row]),), f"row {row}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop ids
+
+
+def first_new_token_index(tokens, start):
+    """Index of the first token at or after `start` that does not occur before it."""
+    return next(k for k in range(start, len(tokens)) if tokens[k] not in tokens[:k])
+
+
+def test_per_row_stop_ids(model):
+    prompts = PROMPTS[:2]
+    references = [greedy_without_cache(model, p, 8) for p in prompts]
+    k = first_new_token_index(references[0], 2)
+    unused = next(i for i in range(1, 64) if i not in references[1])
+    stop_ids = [[references[0][k], unused], [unused]]
+    result = generate(model, prompts, max_new_tokens=8, stop_ids=stop_ids, pad_id=PAD, temperature=0.0)
+    assert result.tokens[0] == references[0][:k + 1]
+    assert result.stopped[0] is True
+    assert result.tokens[1] == references[1]
+    assert result.stopped[1] is False
+
+
+def test_stop_on_first_token(model):
+    first = greedy_without_cache(model, PROMPTS[1], 1)[0]
+    result = generate(model, [PROMPTS[1]], max_new_tokens=8, stop_ids=[first], pad_id=PAD, temperature=0.0)
+    assert result.tokens == [[first]]
+    assert result.stopped == [True]
+
+
+def test_stop_on_last_step_counts_as_stopped(model):
+    reference = greedy_without_cache(model, PROMPTS[0], 8)
+    k = first_new_token_index(reference, 1)
+    result = generate(model, [PROMPTS[0]], max_new_tokens=k + 1, stop_ids=[reference[k]], pad_id=PAD,
+                      temperature=0.0)
+    assert result.tokens == [reference[:k + 1]]
+    assert result.stopped == [True]
+
+
+def test_stop_ids_shared(model):
+    # a flat list applies to every row
+    firsts = [greedy_without_cache(model, p, 1)[0] for p in PROMPTS]
+    result = generate(model, PROMPTS, max_new_tokens=8, stop_ids=firsts, pad_id=PAD, temperature=0.0)
+    assert result.tokens == [[f] for f in firsts]
+    assert result.stopped == [True, True, True]
+
+
+def test_stop_ids_wrong_row_count(model):
+    with pytest.raises(ValueError, match="stop_ids has 2 lists, expected one per output row \\(6\\)"):
+        generate(model, PROMPTS[:2], max_new_tokens=4, stop_ids=[[1], [2]], pad_id=PAD, num_samples=3)
+
+
+def test_max_new_tokens_cut(model):
+    result = generate(model, PROMPTS, max_new_tokens=3, stop_ids=[], pad_id=PAD, temperature=0.0)
+    assert [len(t) for t in result.tokens] == [3, 3, 3]
+    assert result.stopped == [False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples per prompt, seeds, top-p
+
+
+def test_num_samples_greedy_identical(model):
+    single = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, temperature=0.0)
+    grouped = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, num_samples=4,
+                       temperature=0.0)
+    for row, tokens in enumerate(grouped.tokens):
+        assert tokens == single.tokens[row // 4], f"row {row}"
+
+
+def test_num_samples_row_order(model):
+    # row i * G + j is sample j of prompt i, so with G = 2 and a stop id that only prompt 1 emits
+    # first, exactly rows 2 and 3 stop after one token
+    firsts = [greedy_without_cache(model, p, 1)[0] for p in PROMPTS]
+    assert firsts[1] not in (firsts[0], firsts[2])
+    result = generate(model, PROMPTS, max_new_tokens=4, stop_ids=[firsts[1]], pad_id=PAD, num_samples=2,
+                      temperature=0.0)
+    assert [len(t) == 1 for t in result.tokens] == [False, False, True, True, False, False]
+
+
+def test_seeded_sampling_reproducible(model):
+    def sample(seed):
+        return generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=2,
+                        temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    first, second = sample(123), sample(123)
+    assert first.tokens == second.tokens
+    for row in range(6):
+        assert torch.equal(first.logprobs[row], second.logprobs[row]), f"row {row}"
+
+
+def test_different_seeds_differ(model):
+    def sample(seed):
+        return generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=2,
+                        temperature=1.0, generator=torch.Generator().manual_seed(seed)).tokens
+
+    assert sample(1) != sample(2)
+
+
+def test_samples_of_prompt_differ(model):
+    # sharing the prompt's cache must not share the randomness of its samples
+    result = generate(model, [PROMPTS[0]], max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=4,
+                      temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(t) for t in result.tokens}) > 1
+
+
+def test_tiny_top_p_is_greedy(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, temperature=0.0)
+    nucleus = generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=1,
+                       temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert nucleus.tokens == greedy.tokens
+
+
+def test_sample_next_top_p_support():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logprobs = probs.log().expand(2000, 4)
+    drawn = sample_next(logprobs, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    # token 2 is dropped: the tokens above it already cover 0.8 >= 0.7 of the mass
+    assert set(drawn.tolist()) == {0, 1}
+
+
+def test_sample_next_top_p_renormalised():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logprobs = probs.log().expand(4000, 4)
+    drawn = sample_next(logprobs, temperature=1.0, top_p=0.7, generator=torch.Generator().manual_seed(0))
+    # the kept mass is 0.5 : 0.3, so token 0 has probability 0.625. Over 4000 draws the std of the
+    # observed frequency is about 0.008.
+    assert (drawn == 0).float().mean().item() == pytest.approx(0.625, abs=0.04)
+
+
+def test_sampling_logprobs_temperature():
+    logits = torch.tensor([[1.0, 2.0, 4.0]])
+    expected = torch.log_softmax(logits / 0.5, dim=-1)
+    torch.testing.assert_close(sampling_logprobs(logits, 0.5), expected)
+
+
+def test_sampling_logprobs_greedy_unscaled():
+    logits = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.bfloat16)
+    result = sampling_logprobs(logits, 0.0)
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result, torch.log_softmax(logits.float(), dim=-1))
