@@ -115,11 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     sft = p.add_argument_group("dual-track SFT")
     sft.add_argument("--batch-size", type=int, default=16, help="reasoning-track sequences per step")
     sft.add_argument("--eval-track-batch-size", type=int, default=16,
-                     help="evaluation-track sequences per step, balanced between right and wrong answers")
+                     help="evaluation-track sequences per step")
     sft.add_argument("--lambda-eval", type=float, default=1.0, help="weight of the evaluation-track cross-entropy")
     sft.add_argument("--lambda-score", type=float, default=1.0, help="weight of the score-regression loss")
     sft.add_argument("--lambda-sft", type=float, default=1.0, help="weight of the SFT loss in hybrid steps")
-    sft.add_argument("--pool-size", type=int, default=512, help="evaluation-track examples kept per class")
+    sft.add_argument("--pool-size", type=int, default=1024, help="newest evaluation-track examples kept")
+    sft.add_argument("--balance-eval-track", action="store_true",
+                     help="draw evaluation-track batches half from right and half from wrong answers "
+                          "(default: at the ratio of the pool, which summary.json reports)")
     sft.add_argument("--cold-start-examples", type=int, default=512,
                      help="training rows whose gold and corrupted completions seed the evaluation track")
     sft.add_argument("--sample-every", type=int, default=20,
@@ -273,11 +276,11 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
         self.sampler = RowSampler(train_rows, args.seed)
         self.sft_cfg = SFTConfig(args.batch_size, args.eval_track_batch_size, args.lambda_eval,
-                                 args.lambda_score, args.pool_size)
+                                 args.lambda_score, args.pool_size, args.balance_eval_track)
         self.grpo_cfg = GRPOConfig(args.group_size, args.prompts_per_step, args.max_new_tokens, args.temperature,
                                    args.top_p, args.clip_eps, args.kl_coef, args.scale_rewards, args.split_advantage)
         self.score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
-        self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size)
+        self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size, args.balance_eval_track)
         self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                          else nullcontext())
@@ -384,7 +387,7 @@ def format_log_line(record: dict, stage_step: int, steps: int) -> str:
     line = f"{record['phase']:6s} step {stage_step + 1:05d}/{steps:05d} | loss {record['loss']:.4f}"
     for key, label in [("sft_reason", "reason"), ("sft_eval", "eval"), ("sft_score", "score"),
                        ("reward", "reward"), ("reward_accuracy", "acc"), ("reward_consistency", "con"),
-                       ("grpo_kl", "kl"), ("groups_all_equal", "flat"), ("completion_length", "len")]:
+                       ("grpo_kl", "kl"), ("grpo_entropy", "entropy"), ("groups_all_equal", "flat"), ("completion_length", "len")]:
         if key in record:
             line += f" | {label} {record[key]:.3f}"
     return line + f" | lr {record['lr']:.1e} | dt {record['dt']:.2f}s"

@@ -16,8 +16,10 @@ from pcl.sequence import prompt_ids
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """Area under the ROC curve of `scores` for telling label True from False (ties count half);
-    None when one class is absent."""
+    """Compute the area under the ROC curve of `scores` for telling label True from False.
+
+    Ties count half. Returns None when one class is absent.
+    """
     positives = [s for s, y in zip(scores, labels) if y]
     negatives = [s for s, y in zip(scores, labels) if not y]
     if not positives or not negatives:

@@ -1,6 +1,6 @@
 """Load and save models in the Hugging Face folder layout.
 
-A folder holds `config.json`, the weights as `model.safetensors` or as shards listed in
+A folder contains `config.json`, the weights as `model.safetensors` or as shards listed in
 `model.safetensors.index.json`, `tokenizer.json`, and `generation_config.json`. Our parameter names
 are the HF names, so no renaming table is needed. Weights are read only through safetensors.
 """
@@ -80,7 +80,7 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # the rope buffer is not stored in checkpoints: rebuild it on the real device
+    # the rope buffer is not stored in checkpoints: build it on the real device
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model
 

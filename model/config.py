@@ -80,16 +80,20 @@ class ModelConfig:
                 f"{where}: field 'architectures': unsupported architecture {architecture!r}; "
                 f"supported: {', '.join(ARCHITECTURES)}"
             )
-        known = {f.name for f in fields(cls)} - {"architecture", "extra", "qk_norm"}
+        known = {f.name for f in fields(cls)} - {"architecture", "extra"}
         kwargs = {k: hf.pop(k) for k in list(hf) if k in known}
         family = ARCHITECTURES[architecture]
         kwargs.setdefault("attention_bias", family["attention_bias"])
-        return cls(**kwargs, architecture=architecture, qk_norm=family["qk_norm"], extra=hf)
+        kwargs.setdefault("qk_norm", family["qk_norm"])
+        return cls(**kwargs, architecture=architecture, extra=hf)
 
     def to_hf(self) -> dict:
         """The HF config.json dict: loadable by transformers' AutoConfig for the same architecture."""
         hf = dict(self.extra)
         hf.update({k: v for k, v in asdict(self).items() if k not in ("architecture", "extra", "qk_norm")})
+        if self.qk_norm != ARCHITECTURES[self.architecture]["qk_norm"]:
+            # NOTE: an ablation outside the HF families; transformers ignores this key
+            hf["qk_norm"] = self.qk_norm
         hf["architectures"] = [self.architecture]
         hf["model_type"] = ARCHITECTURES[self.architecture]["model_type"]
         if hf["model_type"] == "qwen2":

@@ -56,11 +56,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     device = model.lm_head.weight.device
     N, G = len(prompts), num_samples
     rows = N * G
-    if isinstance(stop_ids[0] if len(stop_ids) else 0, int):
+    if not stop_ids or isinstance(stop_ids[0], int):
         stop_ids = [list(stop_ids)] * rows
     if len(stop_ids) != rows:
         raise ValueError(f"stop_ids has {len(stop_ids)} lists, expected one per output row ({rows})")
-    width = max(len(s) for s in stop_ids)
+    width = max(1, max(len(s) for s in stop_ids))
     stops = torch.tensor([list(s) + [-1] * (width - len(s)) for s in stop_ids], device=device)  # (rows, S)
 
     # left-pad the prompts so that they end at the same position

@@ -1,4 +1,4 @@
-"""Tokenizer wrapper on `tokenizers.Tokenizer` that knows the PCL special tokens.
+"""Tokenizer wrapper on `tokenizers.Tokenizer` that adds the PCL special tokens.
 
 Every PCL tag is an added special token with a single id, so generation can stop on the
 `<post-completion>` id and the sequence builder can split a sampled completion by ids.
@@ -112,8 +112,11 @@ class Tokenizer:
 
 
 def train_tokenizer(texts, vocab_size: int = 384) -> Tokenizer:
-    """Train a small byte-level BPE tokenizer on `texts`; every digit is its own token, so
-    numbers are spelled digit by digit and arithmetic stays learnable for a small model."""
+    """Train a small byte-level BPE tokenizer on `texts`.
+
+    Every digit is its own token, so numbers are spelled digit by digit and a small model can
+    learn arithmetic on them.
+    """
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),

@@ -163,6 +163,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # keep the rope frequencies in fp32 whatever dtype the weights are cast to: a bf16 copy
+        # would be off by up to about a radian at position 512
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inverse_frequencies(self.config).to(self.inv_freq.device)
+        return self
+
     def init_weights(self, seed: int | None = None):
         """Random initialisation for a model trained from scratch (loaded models skip this)."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -177,7 +184,6 @@ class Transformer(nn.Module):
                     if name.endswith(("o_proj.weight", "down_proj.weight")):
                         std /= math.sqrt(2 * self.config.num_hidden_layers)  # residual branches
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
-        self.inv_freq = rope_inverse_frequencies(self.config).to(self.inv_freq.device)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 last_only: bool = False):

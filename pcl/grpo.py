@@ -2,9 +2,11 @@
 
 Rollouts sample through the post-completion part to EOS (training-time generation does not stop at
 the marker), so the self-evaluation and the predicted reward are sampled and paid by the
-consistency reward. Departure from the paper, as an option: with split_advantage, tokens up to the
-marker get the advantage of the answer's reward (accuracy, format) and tokens after it the advantage
-of the consistency reward.
+consistency reward.
+
+Fei et al. (2025) give every completion token the advantage of the total reward, as is the default
+here. The option split_advantage departs from that: tokens up to the marker get the advantage of
+the answer's reward (accuracy, format) and tokens after it the advantage of the consistency reward.
 
 Shapes: N prompts, G samples per prompt (the group), B = N * G rows, T target positions.
 """
@@ -17,7 +19,7 @@ from data import Row, format_prompt
 from model.generate import generate
 from model.tokenizer import Tokenizer
 from pcl import rewards
-from pcl.losses import grpo_token_loss, token_logprobs
+from pcl.losses import grpo_token_loss, token_entropy, token_logprobs
 from pcl.sequence import COMPLETION, Segment, Sequence, collate, prompt_ids, rollout_sequence, target_mask
 
 BEFORE_MARKER = (Segment.REASONING, Segment.MARKER)
@@ -112,7 +114,8 @@ def grpo_loss(model, ref_model, rollouts: Rollouts, cfg: GRPOConfig):
     device = model.lm_head.weight.device
     input_ids, _, old_logprobs, advantages, mask = completion_tensors(rollouts, device)
     targets = input_ids[:, 1:]
-    logprobs = token_logprobs(model(input_ids)[:, :-1], targets, cfg.temperature)  # (B, T)
+    logits = model(input_ids)[:, :-1]  # (B, T, V)
+    logprobs = token_logprobs(logits, targets, cfg.temperature)  # (B, T)
     ref_logprobs = None
     if ref_model is not None and cfg.kl_coef > 0:
         with torch.no_grad():
@@ -121,6 +124,8 @@ def grpo_loss(model, ref_model, rollouts: Rollouts, cfg: GRPOConfig):
                                               cfg.clip_eps, cfg.kl_coef)
     n_tokens = mask.sum().clamp(min=1)
     loss = token_loss.sum() / n_tokens
+    with torch.no_grad():
+        token_stats["entropy"] = token_entropy(logits[mask], cfg.temperature).sum()
     stats = {f"grpo_{k}": (v / n_tokens).item() for k, v in token_stats.items()}
     stats["grpo_loss"] = loss.item()
     stats["grpo_tokens"] = int(mask.sum())

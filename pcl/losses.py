@@ -1,8 +1,7 @@
 """Losses as pure functions of (logits, targets, masks).
 
-Each returns a *sum* over its valid positions; the trainer divides by the number of valid
-positions of the whole optimizer step, counted once before the backward passes, so the result
-does not depend on how a step is split into micro-batches.
+Each returns a *sum* over its valid positions. The caller divides by the number of valid
+positions, so that a mean is taken once over everything that one optimizer step trains on.
 
 Shapes: B batch, T target positions (the sequence length minus one), V vocabulary, K candidate
 score values.
@@ -27,6 +26,12 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, T) fp32 log-probability of each target, under the same temperature as the sampler."""
     return sampling_logprobs(logits, temperature).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(...,) entropy in nats of the sampling distribution at each position of logits (..., V)."""
+    logprobs = sampling_logprobs(logits, temperature)
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ def score_regression_fused(logits, score_mask, candidate_ids, candidate_values, 
     the score positions are gathered first and each one costs a logsumexp over V."""
     rows, cols = score_mask.nonzero(as_tuple=True)
     if len(rows) == 0:
-        return logits.sum() * 0.0  # keeps the graph connected so backward still works
+        return logits.flatten()[:0].sum()  # exactly 0, even with inf logits, and backward still works
     selected = logits[rows, cols]  # (N, V)
     fn = _score_regression_rows_compiled if compile else _score_regression_rows
     return fn(selected, candidate_ids, candidate_values, targets[rows])

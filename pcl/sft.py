@@ -32,7 +32,8 @@ class SFTConfig:
     eval_batch_size: int = 16  # evaluation-track sequences per step, half from each class when possible
     lambda_eval: float = 1.0
     lambda_score: float = 1.0
-    pool_size: int = 512  # evaluation-track examples kept per class; the newest replace the oldest
+    pool_size: int = 1024  # evaluation-track examples kept; the newest replace the oldest
+    balance: bool = False  # draw half right, half wrong answers instead of the pool's ratio
 
 
 @dataclass
@@ -82,11 +83,17 @@ def corrupt_completion(task: str, row: Row, rng: random.Random) -> str:
 
 
 class EvaluationTrack:
-    """Pool of evaluation-track examples, kept per class (answer right or wrong)."""
+    """The newest `pool_size` evaluation-track examples, graded by the reward rules.
 
-    def __init__(self, tok: Tokenizer, task: str, weights: rewards.RewardWeights, pool_size: int):
-        self.tok, self.task, self.weights = tok, task, weights
-        self.pools = {True: deque(maxlen=pool_size), False: deque(maxlen=pool_size)}
+    With `balance`, a batch is half right and half wrong answers; without it, examples are drawn
+    at the pool's own ratio, which teaches the grader the base rate of its own mistakes. stats()
+    reports the ratio either way.
+    """
+
+    def __init__(self, tok: Tokenizer, task: str, weights: rewards.RewardWeights, pool_size: int,
+                 balance: bool = False):
+        self.tok, self.task, self.weights, self.balance = tok, task, weights, balance
+        self.pool = deque(maxlen=pool_size)
         self.added = {"cold_start": 0, "samples": 0}
 
     def add(self, row: Row, prompt: list[int], completion: list[int], source: str = "samples") -> EvalExample:
@@ -95,29 +102,31 @@ class EvaluationTrack:
         evaluation, reward = rewards.render_evaluation(scores.accuracy, scores.format, self.weights)
         sequence = evaluation_track(self.tok, prompt, completion, evaluation, reward)
         example = EvalExample(sequence, scores.total, bool(scores.accuracy))
-        self.pools[example.correct].append(example)
+        self.pool.append(example)
         self.added[source] += 1
         return example
 
     def cold_start(self, rows: list[Row], rng: random.Random):
-        """Fill the pool from gold completions (mostly right) and corrupted ones (wrong)."""
+        """Fill the pool from gold completions (right) and corrupted ones (wrong)."""
         for row in rows:
             prompt = prompt_ids(self.tok, format_prompt(self.task, row))
             for text in (gold_completion(row), corrupt_completion(self.task, row, rng)):
                 self.add(row, prompt, self.tok.encode(text), source="cold_start")
 
     def sample(self, n: int, rng: random.Random) -> list[EvalExample]:
-        """n examples, half from each class when both have some."""
-        right, wrong = list(self.pools[True]), list(self.pools[False])
-        if not right or not wrong:
-            pool = right or wrong
-            return [rng.choice(pool) for _ in range(n)] if pool else []
+        if not self.pool:
+            return []
+        right = [e for e in self.pool if e.correct]
+        wrong = [e for e in self.pool if not e.correct]
+        if not self.balance or not right or not wrong:
+            return [rng.choice(self.pool) for _ in range(n)]
         half = n // 2
         return [rng.choice(right) for _ in range(n - half)] + [rng.choice(wrong) for _ in range(half)]
 
     def stats(self) -> dict:
-        right, wrong = len(self.pools[True]), len(self.pools[False])
-        return {"pool_right": right, "pool_wrong": wrong, **{f"added_{k}": v for k, v in self.added.items()}}
+        right = sum(e.correct for e in self.pool)
+        return {"pool_right": right, "pool_wrong": len(self.pool) - right,
+                **{f"added_{k}": v for k, v in self.added.items()}}
 
 
 class ScoreHead:

@@ -248,8 +248,6 @@ def test_to_hf_round_trip_extra(name):
     assert loaded.to_hf() == config.to_hf()
 
 
-@pytest.mark.xfail(reason="to_hf does not write qk_norm and from_hf takes it from the architecture "
-                          "only, so a Llama config with qk_norm=True loads back without it", strict=True)
 def test_to_hf_round_trip_llama_qk_norm():
     config = ModelConfig.from_preset("tiny", qk_norm=True)
     assert ModelConfig.from_hf(config.to_hf()).qk_norm is True

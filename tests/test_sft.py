@@ -67,10 +67,20 @@ def test_cold_start_fills_both_classes(tok):
 
 
 def test_sample_is_balanced(tok):
-    track = EvaluationTrack(tok, "synthetic", WEIGHTS, pool_size=100)
+    track = EvaluationTrack(tok, "synthetic", WEIGHTS, pool_size=100, balance=True)
     track.cold_start(ROWS, random.Random(0))
     batch = track.sample(10, random.Random(1))
     assert sum(e.correct for e in batch) == 5
+
+
+def test_unbalanced_sample_follows_pool(tok):
+    track = EvaluationTrack(tok, "synthetic", WEIGHTS, pool_size=100)
+    prompt = prompt_ids(tok, "q\n")
+    for row in ROWS[:3]:
+        track.add(row, prompt, tok.encode(gold_completion(row)))
+    track.add(ROWS[0], prompt, tok.encode("<think>x</think><answer>0</answer>"))
+    batch = track.sample(400, random.Random(1))
+    assert 250 < sum(e.correct for e in batch) < 350
 
 
 def test_pool_keeps_newest(tok):
@@ -78,8 +88,8 @@ def test_pool_keeps_newest(tok):
     prompt = prompt_ids(tok, "q\n")
     for row in ROWS[:5]:
         track.add(row, prompt, tok.encode(gold_completion(row)))
-    assert len(track.pools[True]) == 3
-    assert track.pools[True][-1].reward == WEIGHTS.max_reward
+    assert len(track.pool) == 3
+    assert gold_completion(ROWS[4]) in tok.decode(track.pool[-1].sequence.input_ids)
 
 
 def test_evaluation_track_targets_follow_marker(tok):

@@ -293,9 +293,6 @@ def test_rope_default_scaling_unchanged():
     assert torch.equal(default, plain)
 
 
-@pytest.mark.xfail(reason="Module.to(bfloat16) casts the inv_freq buffer to bfloat16 (relative error "
-                          "up to 2**-9), so a frequency near 1 is off by up to about 1 radian at "
-                          "position 512", strict=True)
 def test_bf16_cast_keeps_rope_fp32(make_model):
     model = make_model().to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
