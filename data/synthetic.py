@@ -8,8 +8,8 @@ additions or subtractions, for example:
     reasoning: "12 + 7 = 19. 19 - 5 = 14."
     answer:    "14"
 
-The start quantity is 1..50, each operand 1..20, and every intermediate result and the
-answer stay in 0..99. Names, objects and verb phrases come from small fixed lists so
+The start quantity is 1..20, each operand 1..9, and every intermediate result and the
+answer stay in 0..40. Names, objects and verb phrases come from small fixed lists so
 that the vocabulary stays small.
 
 A question belongs to the test split when a SHA-256 hash of its text is divisible by
@@ -50,9 +50,9 @@ OBJECTS = (
 ADD_PHRASES = ("buys {} more", "finds {} more", "gets {} more", "wins {} more")
 SUBTRACT_PHRASES = ("gives away {}", "loses {}", "sells {}", "donates {}")
 
-START_MIN, START_MAX = 1, 50
-OPERAND_MIN, OPERAND_MAX = 1, 20
-VALUE_MAX = 99
+START_MIN, START_MAX = 1, 20
+OPERAND_MIN, OPERAND_MAX = 1, 9
+VALUE_MAX = 40
 STEP_COUNTS = (1, 2, 3)
 TEST_MODULUS = 10  # 1 in 10 questions is a test question.
 

@@ -15,6 +15,7 @@ import pytest
 from data import DATASETS, PROMPT_TEMPLATES, DataError, Row, format_prompt, load_rows
 from data.mathqa import parse_options
 from data.strategyqa import split_for_qid
+from data import synthetic
 from data.synthetic import generate, split_for_question
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -63,9 +64,9 @@ def test_synthetic_output_pinned():
     # Guards the dataset itself: a change to the generator or the split hash changes
     # every run's data, so it must show up here.
     row = generate("test", 1, seed=0)[0]
-    assert row.question == "Ben has 28 shells. He wins 7 more. How many shells does Ben have now?"
-    assert row.reasoning == "28 + 7 = 35."
-    assert row.answer == "35"
+    assert row.question == "Eva has 20 apples. She finds 6 more. How many apples does Eva have now?"
+    assert row.reasoning == "20 + 6 = 26."
+    assert row.answer == "26"
 
 
 def test_synthetic_questions_unique():
@@ -106,7 +107,7 @@ def test_synthetic_arithmetic_and_ranges(split):
         assert " ".join(step_texts) == row.reasoning, f"{row.source}: malformed reasoning"
         assert 1 <= len(steps) <= 3, f"{row.source}: {len(steps)} steps"
         assert len(operations) == len(steps), f"{row.source}: steps do not match sentences"
-        assert 1 <= int(question["start"]) <= 50, f"{row.source}: start out of range"
+        assert synthetic.START_MIN <= int(question["start"]) <= synthetic.START_MAX, f"{row.source}: start out of range"
         assert question["plural"].startswith(question["noun"].rstrip("s")), row.source
 
         value = int(question["start"])
@@ -116,9 +117,9 @@ def test_synthetic_arithmetic_and_ranges(split):
             assert int(a) == value, f"{row.source}: step starts from {a}, expected {value}"
             assert op == expected_op, f"{row.source}: sign does not match the sentence"
             assert int(b) == int(operand_text), f"{row.source}: operand differs from question"
-            assert 1 <= int(b) <= 20, f"{row.source}: operand {b} out of range"
+            assert synthetic.OPERAND_MIN <= int(b) <= synthetic.OPERAND_MAX, f"{row.source}: operand {b} out of range"
             assert int(c) == expected_value, f"{row.source}: {a} {op} {b} is not {c}"
-            assert 0 <= int(c) <= 99, f"{row.source}: result {c} out of range"
+            assert 0 <= int(c) <= synthetic.VALUE_MAX, f"{row.source}: result {c} out of range"
             value = int(c)
         assert row.answer == str(value), f"{row.source}: answer {row.answer} != {value}"
 
