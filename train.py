@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="largest vocabulary of the tokenizer trained when starting from scratch")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of the requested phase")
+    opt.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the requested phase")
     opt.add_argument("--warmup-steps", type=int,
                      help="dual-track SFT steps run before rl or hybrid when there is no --init "
                           "(default: per dataset, see DATASET_DEFAULTS)")
@@ -101,16 +101,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     sft.add_argument("--lambda-eval", type=float, default=1.0, help="weight of the evaluation-track cross-entropy")
     sft.add_argument("--lambda-score", type=float, default=1.0, help="weight of the score-regression loss")
     sft.add_argument("--lambda-sft", type=float, default=1.0, help="weight of the SFT loss in hybrid steps")
-    sft.add_argument("--pool-size", type=int, default=256,
+    sft.add_argument("--pool-size", type=int, default=128,
                      help="newest evaluation-track examples kept; small enough that the pool follows the model")
     sft.add_argument("--balance-eval-track", action="store_true",
                      help="draw evaluation-track batches half from right and half from wrong answers "
                           "(default: at the ratio of the pool, which summary.json reports)")
     sft.add_argument("--cold-start-examples", type=int, default=512,
                      help="training rows whose gold and corrupted completions seed the evaluation track")
-    sft.add_argument("--sample-every", type=int, default=10,
-                     help="in sft steps: sample the model on training prompts every N steps to refresh the "
-                          "evaluation track (0: cold-start data only)")
+    sft.add_argument("--sample-every", type=int, default=5,
+                     help="in sft and hybrid steps: answer training prompts with the model every N steps and add "
+                          "the graded answers to the evaluation track (0: cold-start data only)")
+    sft.add_argument("--eval-track-samples", type=int, default=16, help="training prompts answered per refresh")
+    sft.add_argument("--eval-track-temperature", type=float, default=0.0,
+                     help="sampling temperature of those answers; 0 (greedy) grades what the model answers at "
+                          "inference, where its self-evaluation is measured")
+    sft.add_argument("--eval-track-from-rollouts", action="store_true",
+                     help="in hybrid steps, also add every GRPO rollout to the evaluation track")
 
     rl = p.add_argument_group("GRPO")
     rl.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
@@ -118,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     rl.add_argument("--max-new-tokens", type=int,
                     help="length limit in tokens of a sampled completion, post-completion part included "
                          "(default: per dataset, see DATASET_DEFAULTS)")
-    rl.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts and of the samples that refresh the evaluation track")
+    rl.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     rl.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold of rollouts")
     rl.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the importance ratio")
     rl.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL penalty to the frozen reference")
@@ -291,17 +297,18 @@ class Trainer:
                         compile=self.args.compile)
 
     def refresh_evaluation_track(self):
-        """Sample the current model on training prompts, as inference does, and grade the samples."""
-        rows = self.sampler.next(self.args.prompts_per_step)
+        """Answer training prompts with the current model, stopping at the marker as inference does,
+        and add the graded answers to the evaluation track."""
+        rows = self.sampler.next(self.args.eval_track_samples)
         prompts = [prompt_ids(self.tok, format_prompt(self.args.data, r)) for r in rows]
         self.model.eval()
         with torch.no_grad(), self.autocast:
             out = generate(self.model, prompts, self.args.max_new_tokens, stop_ids=[self.tok.marker_id, self.tok.eos_id],
-                           pad_id=self.tok.pad_id, num_samples=2, temperature=self.args.temperature,
-                           top_p=self.args.top_p, generator=self.generator)
+                           pad_id=self.tok.pad_id, temperature=self.args.eval_track_temperature,
+                           generator=self.generator)
         self.model.train()
-        for i, ids in enumerate(out.tokens):
-            self.add_sample(rows[i // 2], prompts[i // 2], ids)
+        for row, prompt, ids in zip(rows, prompts, out.tokens):
+            self.add_sample(row, prompt, ids)
 
     def add_sample(self, row, prompt, completion):
         """Put the part of a sample before the marker into the evaluation track."""
@@ -320,9 +327,9 @@ class Trainer:
         loss, grpo_stats = grpo_loss(self.model, self.ref_model, rollouts, self.grpo_cfg)
         stats.update(grpo_stats)
         if with_sft:
-            # the rollouts, graded by the reward rules, are fresh evaluation-track data
-            for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
-                self.add_sample(row, prompt, completion)
+            if self.args.eval_track_from_rollouts:
+                for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
+                    self.add_sample(row, prompt, completion)
             sft, sft_stats = self.sft_objective()
             loss = loss + self.args.lambda_sft * sft
             stats.update(sft_stats)
@@ -344,7 +351,8 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            if phase == "sft" and args.sample_every and stage_step % args.sample_every == args.sample_every - 1:
+            refresh = args.sample_every and stage_step % args.sample_every == args.sample_every - 1
+            if phase in ("sft", "hybrid") and refresh:
                 self.refresh_evaluation_track()
             with self.autocast:
                 if phase == "sft":

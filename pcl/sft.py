@@ -32,7 +32,7 @@ class SFTConfig:
     eval_batch_size: int = 16  # evaluation-track sequences per step, half from each class when possible
     lambda_eval: float = 1.0
     lambda_score: float = 1.0
-    pool_size: int = 256  # evaluation-track examples kept; the newest replace the oldest
+    pool_size: int = 128  # evaluation-track examples kept; the newest replace the oldest
     balance: bool = False  # draw half right, half wrong answers instead of the pool's ratio
 
 

@@ -13,6 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["--preset", "tiny", "--warmup-steps", "3", "--steps", "2", "--eval-examples", "4", "--train-examples", "40",
         "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24", "--max-evaluation-tokens", "12",
         "--batch-size", "4", "--eval-track-batch-size", "4", "--cold-start-examples", "8", "--sample-every", "2",
+        "--eval-track-samples", "2",
         "--no-compile", "--log-every", "1"]
 SUMMARY_KEYS = ["accuracy", "format_rate", "reward_prediction_accuracy", "tokens_per_answer", "eval_examples",
                 "wall_seconds"]
@@ -54,6 +55,14 @@ def test_hybrid_logs_rl_metrics(tmp_path):
     for key in ["reward", "reward_accuracy", "reward_format", "reward_consistency", "grpo_kl", "sft_reason",
                 "sft_eval", "sft_score", "groups_all_equal", "completion_length"]:
         assert key in last, key
+    track = json.loads((out / "summary.json").read_text())["evaluation_track"]
+    assert track["added_samples"] == 4  # one refresh of 2 answers in the warm-up, one in the hybrid steps
+
+
+def test_rollouts_feed_evaluation_track(tmp_path):
+    out = run(tmp_path, "--phase", "hybrid", "--eval-track-from-rollouts")
+    track = json.loads((out / "summary.json").read_text())["evaluation_track"]
+    assert track["added_samples"] == 4 + 2 * 2 * 2  # plus 2 steps x 2 prompts x 2 samples
 
 
 def test_saved_model_reloads(tmp_path):
