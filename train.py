@@ -54,8 +54,17 @@ DATASET_DEFAULTS = {
 # command line
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the None and False of options whose help explains their default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file setting any of the options below (dashes or underscores); "
                                     "command-line flags override it")
     run = p.add_argument_group("run")
@@ -85,11 +94,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="largest vocabulary of the tokenizer trained when starting from scratch")
 
     opt = p.add_argument_group("optimization")
-    opt.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the requested phase")
+    opt.add_argument("--lr", type=float,
+                     help="peak learning rate of the requested phase (default: --warmup-lr for sft without "
+                          "--init, else 5e-5)")
     opt.add_argument("--warmup-steps", type=int,
                      help="dual-track SFT steps run before rl or hybrid when there is no --init "
-                          "(default: per dataset, see DATASET_DEFAULTS)")
-    opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those SFT steps")
+                          "(default: 1300 on synthetic, 100 on the other datasets)")
+    opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those warm-up SFT steps")
     opt.add_argument("--lr-warmup", type=int, default=10, help="steps of linear learning-rate warm-up per stage")
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (0: off)")
@@ -106,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sft.add_argument("--balance-eval-track", action="store_true",
                      help="draw evaluation-track batches half from right and half from wrong answers "
                           "(default: at the ratio of the pool, which summary.json reports)")
-    sft.add_argument("--cold-start-examples", type=int, default=512,
+    sft.add_argument("--cold-start-examples", type=int, default=64,
                      help="training rows whose gold and corrupted completions seed the evaluation track")
     sft.add_argument("--sample-every", type=int, default=5,
                      help="in sft and hybrid steps: answer training prompts with the model every N steps and add "
@@ -122,11 +133,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     rl.add_argument("--group-size", type=int, default=8, help="samples per prompt (G)")
     rl.add_argument("--prompts-per-step", type=int, default=8, help="prompts per optimizer step")
     rl.add_argument("--max-new-tokens", type=int,
-                    help="length limit in tokens of a sampled completion, post-completion part included "
-                         "(default: per dataset, see DATASET_DEFAULTS)")
+                    help="length limit in tokens of every generated completion: rollouts (post-completion part "
+                         "included), evaluation-track answers and held-out answers (default: 96 on synthetic, "
+                         "256 on strategyqa, 320 on gsm8k and mathqa)")
     rl.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     rl.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold of rollouts")
-    rl.add_argument("--clip-eps", type=float, default=0.2, help="PPO clip range of the importance ratio")
+    rl.add_argument("--clip-eps", type=float, default=0.2,
+                    help="PPO clip range of the importance ratio. NOTE: each batch of rollouts gets one optimizer "
+                         "step, so the ratio is 1 and clipping is inactive until rollouts are reused")
     rl.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL penalty to the frozen reference")
     rl.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
                     help="divide advantages by the group's reward standard deviation")
@@ -141,36 +155,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     rw.add_argument("--graded-consistency", action="store_true",
                     help="consistency reward 1 - |r_hat - r| / r_max instead of exact match")
     rw.add_argument("--max-evaluation-tokens", type=int, default=48,
-                    help="length limit of the post-completion part generated at evaluation")
+                    help="length limit in tokens of the post-completion part generated at evaluation")
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if args.config:
-        with open(args.config, "rb") as f:
-            overrides = {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
-        unknown = sorted(set(overrides) - set(vars(args)))
-        if unknown:
-            p.error(f"{args.config}: unknown options {unknown}")
-        # flags given on the command line win over the file
-        p.set_defaults(**overrides)
-        args = p.parse_args(argv)
+        # the file's options are parsed as flags placed before the command line's, so they get the
+        # same type and choice checks, and the command line wins
+        args = p.parse_args(config_file_flags(p, args.config) + argv)
     for key, value in DATASET_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.lr is None:
+        args.lr = args.warmup_lr if args.phase == "sft" and not args.init else 5e-5
     check_args(p, args)
     return args
 
 
+def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """Turn a TOML file of option = value lines into the equivalent command-line flags."""
+    try:
+        with open(path, "rb") as f:
+            options = tomllib.load(f)
+    except OSError as e:
+        p.error(f"--config {path}: cannot read the file ({e.strerror})")
+    except tomllib.TOMLDecodeError as e:
+        p.error(f"--config {path}: invalid TOML: {e}")
+    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
+    flags = []
+    for key, value in options.items():
+        action = actions.get(key.replace("-", "_"))
+        if action is None:
+            p.error(f"--config {path}: unknown option {key!r}; see --help for the options")
+        if isinstance(value, bool):
+            if value:
+                flags.append(action.option_strings[0])
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                flags.append(action.option_strings[1])  # the --no- form
+        else:
+            flags += [action.option_strings[0], str(value)]
+    return flags
+
+
 def check_args(p: argparse.ArgumentParser, args):
-    if args.steps < 1:
-        p.error(f"--steps must be at least 1, got {args.steps}")
-    if args.lr <= 0 or args.warmup_lr <= 0:
-        p.error("--lr and --warmup-lr must be positive")
+    at_least = {"steps": 1, "batch_size": 1, "eval_track_batch_size": 0, "pool_size": 1, "cold_start_examples": 0,
+                "sample_every": 0, "eval_track_samples": 1, "prompts_per_step": 1, "max_new_tokens": 1,
+                "max_evaluation_tokens": 1, "eval_examples": 1, "eval_batch_size": 1, "log_every": 1,
+                "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name in ("lr", "warmup_lr", "clip_eps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("kl_coef", "temperature", "w_acc", "w_fmt", "w_con", "lambda_eval", "lambda_score", "lambda_sft",
+                 "eval_track_temperature", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.w_acc + args.w_fmt == 0:
+        p.error("--w-acc and --w-fmt are both 0, so every answer gets the same reward")
+    try:
+        device = torch.device("cuda" if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: invalid device; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and args.device != "auto" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out}: exists and is not a directory")
     if args.phase in ("rl", "hybrid") and args.group_size < 2:
         p.error(f"--group-size must be at least 2 for GRPO (advantages compare samples of a group), got {args.group_size}")
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} reads local files: pass --data-dir")
-    if args.eval_examples < 1:
-        p.error("--eval-examples must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,19 +263,32 @@ def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transf
     if args.init:
         tok = Tokenizer.from_folder(args.init)
         model = load_pretrained(args.init, dtype=torch.float32)
-        if tok.vocab_size > model.config.vocab_size:
-            log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
-            model.resize_token_embeddings(tok.vocab_size)
+        if tok.added_ids:
+            known = min(tok.added_ids)  # the ids below were trained with the model
+            if tok.vocab_size > model.config.vocab_size:
+                log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
+                model.resize_token_embeddings(tok.vocab_size)
+            # new tags start at the mean embedding, also where they take unused padding rows
+            with torch.no_grad():
+                for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+                    weight[tok.added_ids] = weight[:known].mean(0)
+            log.info("added %d PCL tokens to the tokenizer of %s", len(tok.added_ids), args.init)
         return tok, model
 
     # from scratch: a tokenizer trained on this task at first use and cached in the run directory
     cached = out / "tokenizer"
-    if (cached / "tokenizer.json").is_file():
+    trained_on = {"data": args.data, "data_dir": args.data_dir, "vocab_size": args.vocab_size,
+                  "train_examples": args.train_examples, "seed": args.seed}
+    stamp = cached / "trained_on.json"
+    if (cached / "tokenizer.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == trained_on:
         tok = Tokenizer.from_folder(cached)
         log.info("tokenizer: %s (cached, %d ids)", cached, tok.vocab_size)
     else:
+        if (cached / "tokenizer.json").is_file():
+            log.warning("tokenizer: the cached one in %s was trained for other options; training a new one", cached)
         tok = train_tokenizer(tokenizer_texts(args.data, train_rows[:5000], weights), args.vocab_size)
         tok.save(cached)
+        write_json(stamp, trained_on)
         log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)
     config = ModelConfig.from_preset(args.preset, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                      pad_token_id=tok.pad_id)
@@ -263,7 +335,7 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 class Trainer:
-    def __init__(self, args, tok, model, train_rows, test_rows, weights, device, out: Path):
+    def __init__(self, args, tok, model, score_head, train_rows, test_rows, weights, device, out: Path):
         self.args, self.tok, self.model, self.device, self.out = args, tok, model, device, out
         self.train_rows, self.test_rows, self.weights = train_rows, test_rows, weights
         self.rng = random.Random(args.seed)
@@ -273,7 +345,7 @@ class Trainer:
                                  args.lambda_score, args.pool_size, args.balance_eval_track)
         self.grpo_cfg = GRPOConfig(args.group_size, args.prompts_per_step, args.max_new_tokens, args.temperature,
                                    args.top_p, args.clip_eps, args.kl_coef, args.scale_rewards, args.split_advantage)
-        self.score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
+        self.score_head = score_head
         self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size, args.balance_eval_track)
         self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
@@ -391,16 +463,14 @@ def format_log_line(record: dict, stage_step: int, steps: int) -> str:
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    started = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    write_json(out / "run_config.json", vars(args))
     seed_everything(args.seed)
     device = select_device(args.device)
 
+    # everything that can reject the input runs before the run directory's files are replaced
     weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
     try:
         train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
@@ -408,13 +478,16 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     log.info("data: %s, %d training rows, %d held-out rows", args.data, len(train_rows), len(test_rows))
-
+    out.mkdir(parents=True, exist_ok=True)
     try:
         tok, model = build_model(args, train_rows, weights, out)
+        score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
-    trainer = Trainer(args, tok, model, train_rows, test_rows, weights, device, out)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(out / "run_config.json", vars(args))
+    trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, device, out)
     log.info("evaluation track: %s", trainer.eval_track.stats())
 
     summary = {}
@@ -425,8 +498,7 @@ def main(argv=None):
         metrics, _ = trainer.evaluate()
         summary["after_sft_warmup"] = metrics
         log.info("after SFT warm-up: %s", json.dumps(metrics))
-    peak_lr = args.warmup_lr if args.phase == "sft" and not args.init else args.lr
-    trainer.run_stage(args.phase, args.steps, peak_lr)
+    trainer.run_stage(args.phase, args.steps, args.lr)
 
     metrics, records = trainer.evaluate()
     summary.update(metrics)

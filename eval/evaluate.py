@@ -45,9 +45,9 @@ def evaluate(model, tok: Tokenizer, task: str, rows: list[Row], weights: rewards
         if at_marker:
             continued = generate(model, [prompts[i] + answers.tokens[i] for i in at_marker], max_evaluation_tokens,
                                  stop_ids=[tok.eos_id], pad_id=tok.pad_id, temperature=0.0)
-            post = {i: tok.decode(ids) for i, ids in zip(at_marker, continued.tokens)}
+            post = {i: tok.decode_completion(ids) for i, ids in zip(at_marker, continued.tokens)}
         for i, row in enumerate(batch):
-            answer_text = tok.decode(answers.tokens[i])
+            answer_text = tok.decode_completion(answers.tokens[i])
             full_text = answer_text + post.get(i, "")
             scores = rewards.score(task, full_text, row.answer, weights, row.options)
             records.append({

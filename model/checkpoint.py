@@ -27,6 +27,7 @@ def atomic_write(path: str | Path, write):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, 0o644)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -75,6 +76,10 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{folder}: weights do not match config.json: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    expected_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected_shapes[k])}" for k, v in state.items() if v.shape != expected_shapes[k]]
+    if wrong:
+        raise ValueError(f"{folder}: weight shapes do not match config.json: {wrong[:4]}")
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

@@ -120,8 +120,8 @@ class ModelConfig:
 PRESETS = {
     # the unit tests' model: a few thousand parameters per layer
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256),
+                 num_key_value_heads=2, max_position_embeddings=2048),
     # the default run's model: trains on the synthetic task in minutes on two CPU cores
     "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
 }

@@ -46,6 +46,8 @@ class Tokenizer:
         """Add the PCL tags as special tokens (a no-op for those already present)."""
         missing = [t for t in PCL_TOKENS if self.tk.token_to_id(t) is None]
         self.tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        # ids new to this tokenizer: a loaded model has no trained embedding for them
+        self.added_ids = [self.tk.token_to_id(t) for t in missing]
         for token in PCL_TOKENS:
             ids = self.encode(token)
             if len(ids) != 1:
@@ -66,6 +68,14 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of `ids` with the PCL tags kept, so the reward rules can read them."""
         return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def decode_completion(self, ids) -> str:
+        """Text of a generated completion for the reward rules. A final EOS id only ends generation,
+        so it is dropped rather than graded as text after the answer."""
+        ids = list(ids)
+        if ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return self.decode(ids)
 
     def save(self, folder: str | Path):
         folder = Path(folder)
@@ -91,7 +101,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer.json not found in the model folder")
-        tk = HFTokenizer.from_file(str(path))
+        try:
+            tk = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on invalid files
+            raise ValueError(f"{path}: invalid tokenizer file ({e})") from e
         config = {}
         if (folder / "tokenizer_config.json").is_file():
             with open(folder / "tokenizer_config.json") as f:

@@ -78,7 +78,7 @@ def collect_rollouts(model, tok: Tokenizer, task: str, rows: list[Row], cfg: GRP
 
     rows_b = [row for row in rows for _ in range(G)]
     prompts_b = [p for p in prompts for _ in range(G)]
-    scores = [rewards.score(task, tok.decode(ids), row.answer, weights, row.options)
+    scores = [rewards.score(task, tok.decode_completion(ids), row.answer, weights, row.options)
               for ids, row in zip(out.tokens, rows_b)]
     sequences = [rollout_sequence(tok, p, ids, s) for p, ids, s in zip(prompts_b, out.tokens, out.stopped)]
 

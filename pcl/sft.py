@@ -98,7 +98,7 @@ class EvaluationTrack:
 
     def add(self, row: Row, prompt: list[int], completion: list[int], source: str = "samples") -> EvalExample:
         """Score `completion` (ids before the marker) with the reward rules and store it graded."""
-        scores = rewards.score(self.task, self.tok.decode(completion), row.answer, self.weights, row.options)
+        scores = rewards.score(self.task, self.tok.decode_completion(completion), row.answer, self.weights, row.options)
         evaluation, reward = rewards.render_evaluation(scores.accuracy, scores.format, self.weights)
         sequence = evaluation_track(self.tok, prompt, completion, evaluation, reward)
         example = EvalExample(sequence, scores.total, bool(scores.accuracy))
@@ -144,7 +144,8 @@ class ScoreHead:
             if len(encoded) != 1:
                 raise ValueError(
                     f"reward value {rewards.format_number(value)!r} is {len(encoded)} tokens; score regression "
-                    "needs one token per value: choose reward weights with one-token values or set --lambda-score 0"
+                    "needs one token per value: choose reward weights (--w-acc, --w-fmt) whose sums are one "
+                    "token each, or set --lambda-score 0"
                 )
             ids.append(encoded[0])
         self.ids = torch.tensor(ids, device=device)  # (K,)
