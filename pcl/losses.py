@@ -1,7 +1,7 @@
 """Losses as pure functions of (logits, targets, masks).
 
-Each returns a *sum* over its valid positions. The caller divides by the number of valid
-positions, so that a mean is taken once over everything that one optimizer step trains on.
+Each returns a *sum* over its valid positions, and the caller divides each sum by its own count
+of valid positions, so each term of the objective is a mean over the tokens it trains on.
 
 Shapes: B batch, T target positions (the sequence length minus one), V vocabulary, K candidate
 score values.
