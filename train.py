@@ -35,7 +35,7 @@ from model.transformer import Transformer
 from pcl import rewards
 from pcl.grpo import GRPOConfig, collect_rollouts, grpo_loss, rollout_stats
 from pcl.sequence import prompt_ids, reasoning_track
-from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_loss
+from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_loss
 
 log = logging.getLogger("train")
 

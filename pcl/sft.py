@@ -23,7 +23,7 @@ from model.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
 from pcl import rewards
 from pcl.losses import score_regression_fused, score_regression_reference, token_cross_entropy
 from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Sequence, collate, completion_text,
-                          evaluation_track, first_score_mask, prompt_ids, reasoning_track, target_mask)
+                          evaluation_track, first_score_mask, prompt_ids, target_mask)
 
 
 @dataclass

@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from data import Row
+from data import Row, format_prompt
 from eval.evaluate import evaluate
 from model.config import ModelConfig
 from model.transformer import Transformer
 from pcl import rewards
-from pcl.grpo import GRPOConfig, collect_rollouts, completion_tensors, group_advantages, grpo_loss
+from pcl.grpo import GRPOConfig, Rollouts, collect_rollouts, completion_tensors, group_advantages, grpo_loss
 from pcl.losses import token_cross_entropy
-from pcl.sequence import COMPLETION, Segment, collate, evaluation_track, prompt_ids, target_mask
+from pcl.sequence import (COMPLETION, Segment, collate, evaluation_track, prompt_ids, rollout_sequence,
+                          target_mask)
 from pcl.sft import gold_completion
-from data import format_prompt
 
 ROW = Row(question="Ann has 12 apples. She buys 7 more. How many apples does Ann have now?",
           answer="19", reasoning="12 + 7 = 19.", source="test:0")
@@ -122,11 +122,8 @@ def test_first_step_ratio_is_one(tok, random_rollouts):
 
 
 def test_split_advantage_by_marker(tok):
-    cfg = GRPOConfig(group_size=2, split_advantage=True)
     prompt = prompt_ids(tok, "Q\n")
     completion = tok.encode(gold_completion(ROW)) + [tok.marker_id] + tok.encode("<reward>1</reward>") + [tok.eos_id]
-    from pcl.grpo import Rollouts
-    from pcl.sequence import rollout_sequence
     sequence = rollout_sequence(tok, prompt, completion, True)
     rollouts = Rollouts([ROW], [prompt], [completion], [sequence], [torch.zeros(len(completion))], [True], [None],
                         advantage_before=torch.tensor([0.5]), advantage_after=torch.tensor([-2.0]))

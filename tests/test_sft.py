@@ -7,7 +7,7 @@ from data import Row, format_prompt
 from model.config import ModelConfig
 from model.transformer import Transformer
 from pcl import rewards
-from pcl.sequence import Segment, prompt_ids, reasoning_track
+from pcl.sequence import EVALUATION_TRACK, Segment, collate, prompt_ids, reasoning_track, target_mask
 from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_loss
 
 ROWS = [Row(question=f"Ann has {a} apples. She buys {b} more. How many apples does Ann have now?",
@@ -152,12 +152,11 @@ def test_token_counts_follow_segments(tok, batch):
 
 
 def test_evaluation_completion_not_trained(tok, batch):
-    """Changing the graded completion's own targets leaves the evaluation loss's gradient on them at zero."""
+    """The evaluation-track mask never selects the prompt, the graded completion or the marker."""
     _, evaluation = batch
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
     model.init_weights(seed=0)
     cfg = SFTConfig(lambda_score=0.0)
-    from pcl.sequence import collate, target_mask, EVALUATION_TRACK
     input_ids, segment_ids = collate([e.sequence for e in evaluation], tok.pad_id)
     mask = target_mask(segment_ids, EVALUATION_TRACK)
     completion = target_mask(segment_ids, [Segment.REASONING, Segment.MARKER, Segment.PROMPT])
