@@ -44,7 +44,7 @@ log = logging.getLogger("train")
 # finish in minutes on two CPU cores; the real datasets have much longer answers, and a model trained
 # there from scratch is a smoke test, so their warm-up is short.
 DATASET_DEFAULTS = {
-    "synthetic": dict(warmup_steps=1200, max_new_tokens=96),
+    "synthetic": dict(warmup_steps=1500, max_new_tokens=96),
     "gsm8k": dict(warmup_steps=100, max_new_tokens=320),
     "strategyqa": dict(warmup_steps=100, max_new_tokens=256),
     "mathqa": dict(warmup_steps=100, max_new_tokens=320),
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--phase", choices=["sft", "rl", "hybrid"], default="hybrid",
                      help="sft: dual-track SFT; rl: GRPO with white-box rewards; hybrid: GRPO + lambda_sft * SFT each step")
     run.add_argument("--out", default="runs/default", help="run directory for outputs")
-    run.add_argument("--steps", type=int, default=60, help="optimizer steps of the requested phase")
+    run.add_argument("--steps", type=int, default=30, help="optimizer steps of the requested phase")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and sampling")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -96,10 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     opt = p.add_argument_group("optimization")
     opt.add_argument("--lr", type=float,
                      help="peak learning rate of the requested phase (default: --warmup-lr for sft without "
-                          "--init, else 5e-5)")
+                          "--init, else 2e-5)")
     opt.add_argument("--warmup-steps", type=int,
                      help="dual-track SFT steps run before rl or hybrid when there is no --init "
-                          "(default: 1200 on synthetic, 100 on the other datasets)")
+                          "(default: 1500 on synthetic, 100 on the other datasets)")
     opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those warm-up SFT steps")
     opt.add_argument("--lr-warmup", type=int, default=10, help="steps of linear learning-rate warm-up per stage")
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -167,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.lr is None:
-        args.lr = args.warmup_lr if args.phase == "sft" and not args.init else 5e-5
+        args.lr = args.warmup_lr if args.phase == "sft" and not args.init else 2e-5
     check_args(p, args)
     return args
 
