@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from data import Row, format_prompt
-from model.generate import generate
+from model.generate import generate, sampling_logprobs
 from model.tokenizer import Tokenizer
 from pcl import rewards
-from pcl.losses import grpo_token_loss, token_entropy, token_logprobs
+from pcl.losses import distribution_entropy, grpo_token_loss, token_logprobs
 from pcl.sequence import COMPLETION, Segment, Sequence, collate, prompt_ids, rollout_sequence, target_mask
 
 BEFORE_MARKER = (Segment.REASONING, Segment.MARKER)
@@ -114,8 +114,9 @@ def grpo_loss(model, ref_model, rollouts: Rollouts, cfg: GRPOConfig):
     device = model.lm_head.weight.device
     input_ids, _, old_logprobs, advantages, mask = completion_tensors(rollouts, device)
     targets = input_ids[:, 1:]
-    logits = model(input_ids)[:, :-1]  # (B, T, V)
-    logprobs = token_logprobs(logits, targets, cfg.temperature)  # (B, T)
+    # one log-softmax over the vocabulary serves both the loss and the entropy statistic
+    distribution = sampling_logprobs(model(input_ids)[:, :-1], cfg.temperature)  # (B, T, V)
+    logprobs = distribution.gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
     ref_logprobs = None
     if ref_model is not None and cfg.kl_coef > 0:
         with torch.no_grad():
@@ -125,7 +126,7 @@ def grpo_loss(model, ref_model, rollouts: Rollouts, cfg: GRPOConfig):
     n_tokens = mask.sum().clamp(min=1)
     loss = token_loss.sum() / n_tokens
     with torch.no_grad():
-        token_stats["entropy"] = token_entropy(logits[mask], cfg.temperature).sum()
+        token_stats["entropy"] = distribution_entropy(distribution[mask]).sum()
     stats = {f"grpo_{k}": (v / n_tokens).item() for k, v in token_stats.items()}
     stats["grpo_loss"] = loss.item()
     stats["grpo_tokens"] = int(mask.sum())

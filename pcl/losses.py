@@ -28,9 +28,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return sampling_logprobs(logits, temperature).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(...,) entropy in nats of the sampling distribution at each position of logits (..., V)."""
-    logprobs = sampling_logprobs(logits, temperature)
+def distribution_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """(...,) entropy in nats of each distribution given as log-probabilities (..., V)."""
     return -(logprobs.exp() * logprobs).sum(-1)
 
 
