@@ -206,6 +206,7 @@ def check_args(p: argparse.ArgumentParser, args):
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+
     for name in ("lr", "warmup_lr", "clip_eps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -213,16 +214,19 @@ def check_args(p: argparse.ArgumentParser, args):
                  "eval_track_temperature", "weight_decay", "grad_clip"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.w_acc + args.w_fmt == 0:
         p.error("--w-acc and --w-fmt are both 0, so every answer gets the same reward")
+
     try:
         device = torch.device("cuda" if args.device == "auto" else args.device)
     except RuntimeError:
         p.error(f"--device {args.device}: invalid device; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and args.device != "auto" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out}: exists and is not a directory")

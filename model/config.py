@@ -88,7 +88,7 @@ class ModelConfig:
         return cls(**kwargs, architecture=architecture, extra=hf)
 
     def to_hf(self) -> dict:
-        """The HF config.json dict: loadable by transformers' AutoConfig for the same architecture."""
+        """Return the HF config.json dict for this configuration."""
         hf = dict(self.extra)
         hf.update({k: v for k, v in asdict(self).items() if k not in ("architecture", "extra", "qk_norm")})
         if self.qk_norm != ARCHITECTURES[self.architecture]["qk_norm"]:

@@ -25,8 +25,8 @@ class Segment(IntEnum):
     EOS = 6
 
 
-# What each training signal learns from. The evaluation track must not imitate its completion, which
-# may be wrong, so it trains only on what follows the marker.
+# Segments that each training signal trains on. The evaluation track must not imitate its completion,
+# which may be wrong, so it trains only on what follows the marker.
 REASONING_TRACK = (Segment.REASONING, Segment.MARKER)
 EVALUATION_TRACK = (Segment.EVALUATION, Segment.SCORE, Segment.EOS)
 COMPLETION = (Segment.REASONING, Segment.MARKER, Segment.EVALUATION, Segment.SCORE, Segment.EOS)
