@@ -9,10 +9,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 # Architectures we can load, with the family-specific defaults that their HF config.json may omit.
+# `defaults` holds the values that transformers 5.25 uses for shape fields missing from config.json.
 ARCHITECTURES = {
-    "LlamaForCausalLM": dict(model_type="llama", attention_bias=False, qk_norm=False),
-    "Qwen2ForCausalLM": dict(model_type="qwen2", attention_bias=True, qk_norm=False),
-    "Qwen3ForCausalLM": dict(model_type="qwen3", attention_bias=False, qk_norm=True),
+    "LlamaForCausalLM": dict(model_type="llama", attention_bias=False, qk_norm=False,
+                             defaults=dict(num_key_value_heads=None)),
+    "Qwen2ForCausalLM": dict(model_type="qwen2", attention_bias=True, qk_norm=False,
+                             defaults=dict(num_key_value_heads=32)),
+    "Qwen3ForCausalLM": dict(model_type="qwen3", attention_bias=False, qk_norm=True,
+                             defaults=dict(num_key_value_heads=32, head_dim=128)),
 }
 
 
@@ -29,7 +33,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF "rope_scaling"; only rope_type "llama3" is supported
-    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    # bias on q/k/v (Qwen2 always has it), and on o_proj too in Llama and Qwen3, as in transformers
+    attention_bias: bool = False
     qk_norm: bool = False  # RMSNorm on each head of q and k before rope (Qwen3)
     tie_word_embeddings: bool = False
     architecture: str = "LlamaForCausalLM"
@@ -80,12 +85,23 @@ class ModelConfig:
                 f"{where}: field 'architectures': unsupported architecture {architecture!r}; "
                 f"supported: {', '.join(ARCHITECTURES)}"
             )
+        check_supported(hf, where)
+        rope_parameters = hf.pop("rope_parameters", None)
         known = {f.name for f in fields(cls)} - {"architecture", "extra"}
         kwargs = {k: hf.pop(k) for k in list(hf) if k in known}
+        kwargs.update(rope_fields(kwargs, rope_parameters, where))
         family = ARCHITECTURES[architecture]
         kwargs.setdefault("attention_bias", family["attention_bias"])
         kwargs.setdefault("qk_norm", family["qk_norm"])
+        for key, value in family["defaults"].items():
+            kwargs.setdefault(key, value)
+        if kwargs.get("num_key_value_heads") is None:  # null: one key/value head per query head
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
         return cls(**kwargs, architecture=architecture, extra=hf)
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias and self.architecture != "Qwen2ForCausalLM"
 
     def to_hf(self) -> dict:
         """Return the HF config.json dict for this configuration."""
@@ -111,9 +127,50 @@ class ModelConfig:
         D, H, K, Dh, F = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
                           self.head_dim, self.intermediate_size)
         attention = D * H * Dh * 2 + D * K * Dh * 2 + (H * Dh + 2 * K * Dh) * self.attention_bias
+        attention += D * self.o_proj_bias
         block = attention + 3 * D * F + 2 * D + 2 * Dh * self.qk_norm
         embeddings = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * block + embeddings + D
+
+
+def check_supported(hf: dict, where: str):
+    """Raise ValueError for config.json settings of the supported families that our Transformer
+    does not implement, so that they fail at load time rather than give different logits."""
+    unsupported = []
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act {hf['hidden_act']!r} (only 'silu' is implemented)")
+    if hf.get("mlp_bias"):
+        unsupported.append("mlp_bias true (MLP projections have no bias here)")
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        unsupported.append("sliding-window attention (use_sliding_window or layer_types)")
+    if unsupported:
+        raise ValueError(f"{where}: unsupported settings: {'; '.join(unsupported)}")
+
+
+def rope_fields(kwargs: dict, rope_parameters: dict | None, where: str) -> dict:
+    """Read rope_theta and rope_scaling from either config.json layout.
+
+    Configs written before transformers 5 keep `rope_theta` and `rope_scaling` at the top level.
+    transformers 5 writes a single `rope_parameters` dict that contains both. As in transformers
+    5.25, a non-empty `rope_scaling` takes precedence over `rope_parameters`, and a theta inside
+    the dict takes precedence over the top-level one.
+    """
+    parameters = dict(kwargs.get("rope_scaling") or rope_parameters or {})
+    if any(isinstance(value, dict) for value in parameters.values()):
+        raise ValueError(f"{where}: rope parameters per layer type are not supported: {parameters}")
+    if parameters.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {parameters['partial_rotary_factor']} is not "
+                         "supported; rope rotates the whole head here")
+    theta = parameters.pop("rope_theta", kwargs.get("rope_theta", ModelConfig.rope_theta))
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type == "default":
+        return {"rope_theta": theta, "rope_scaling": None}
+    if rope_type == "llama3":
+        # transformers falls back to max_position_embeddings when this key is absent
+        parameters.setdefault("original_max_position_embeddings",
+                              kwargs.get("max_position_embeddings", ModelConfig.max_position_embeddings))
+    return {"rope_theta": theta, "rope_scaling": parameters}
 
 
 # Named shapes for models created from scratch. vocab_size is replaced by the tokenizer's size.

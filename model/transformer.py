@@ -93,7 +93,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(D, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

@@ -55,6 +55,16 @@ QWEN3_HF = {
 }
 
 
+# The layout that transformers 5 writes: theta and scaling in one rope_parameters dict, "dtype" in place
+# of "torch_dtype".
+LLAMA_HF_V5 = {
+    **{k: v for k, v in LLAMA_HF.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")},
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "dtype": "bfloat16",
+}
+
+
 def count_parameters(config: ModelConfig) -> int:
     # parameters() yields a tied weight once, as num_parameters() should count it
     return sum(p.numel() for p in Transformer(config).parameters())
@@ -195,6 +205,119 @@ def test_from_hf_unsupported_architecture_names_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# from_hf: rope layouts, omitted fields, unsupported settings
+
+
+def test_from_hf_rope_parameters_layout():
+    old, new = ModelConfig.from_hf(LLAMA_HF), ModelConfig.from_hf(LLAMA_HF_V5)
+    assert new.rope_theta == 500000.0
+    assert new.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    for f in fields(ModelConfig):
+        if f.name != "extra":
+            assert getattr(new, f.name) == getattr(old, f.name), f.name
+
+
+def test_from_hf_rope_parameters_not_in_extra():
+    # to_hf writes rope_theta and rope_scaling, so a copy in extra would be written twice
+    config = ModelConfig.from_hf(LLAMA_HF_V5)
+    assert "rope_parameters" not in config.extra
+    assert "rope_parameters" not in config.to_hf()
+
+
+def test_from_hf_rope_parameters_default_type():
+    hf = {**QWEN2_HF, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+    del hf["rope_theta"]
+    config = ModelConfig.from_hf(hf)
+    assert config.rope_theta == 1000000.0
+    assert config.rope_scaling is None
+
+
+def test_from_hf_rope_theta_inside_dict_wins():
+    hf = {**QWEN2_HF, "rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}
+    assert ModelConfig.from_hf(hf).rope_theta == 7.0
+
+
+def test_from_hf_rope_scaling_wins_over_parameters():
+    # transformers 5.25 reads a non-empty rope_scaling first
+    hf = {**LLAMA_HF, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}
+    config = ModelConfig.from_hf(hf)
+    assert config.rope_scaling["rope_type"] == "llama3"
+    assert config.rope_theta == 500000.0
+
+
+def test_from_hf_rope_null_scaling():
+    config = ModelConfig.from_hf({**QWEN2_HF, "rope_scaling": None})
+    assert config.rope_scaling is None
+    assert config.rope_theta == 1000000.0
+
+
+def test_from_hf_llama3_original_context_default():
+    scaling = {k: v for k, v in LLAMA_HF["rope_scaling"].items() if k != "original_max_position_embeddings"}
+    config = ModelConfig.from_hf({**LLAMA_HF, "rope_scaling": scaling})
+    assert config.rope_scaling["original_max_position_embeddings"] == LLAMA_HF["max_position_embeddings"]
+
+
+def test_from_hf_rope_per_layer_type_rejected():
+    hf = {**QWEN3_HF, "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    with pytest.raises(ValueError, match="rope parameters per layer type are not supported"):
+        ModelConfig.from_hf(hf)
+
+
+def test_from_hf_partial_rotary_rejected():
+    hf = {**QWEN3_HF, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}}
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported"):
+        ModelConfig.from_hf(hf)
+
+
+def test_from_hf_missing_kv_heads_llama():
+    hf = {k: v for k, v in LLAMA_HF.items() if k != "num_key_value_heads"}
+    assert ModelConfig.from_hf(hf).num_key_value_heads == LLAMA_HF["num_attention_heads"]
+
+
+def test_from_hf_null_kv_heads():
+    config = ModelConfig.from_hf({**QWEN2_HF, "num_key_value_heads": None})
+    assert config.num_key_value_heads == QWEN2_HF["num_attention_heads"]
+
+
+def test_from_hf_missing_kv_heads_qwen():
+    # Qwen2Config and Qwen3Config default to 32 key/value heads when the key is absent
+    hf = {k: v for k, v in QWEN2_HF.items() if k != "num_key_value_heads"}
+    assert ModelConfig.from_hf({**hf, "num_attention_heads": 32, "hidden_size": 128}).num_key_value_heads == 32
+
+
+def test_from_hf_missing_head_dim_qwen3():
+    hf = {k: v for k, v in QWEN3_HF.items() if k != "head_dim"}
+    assert ModelConfig.from_hf(hf).head_dim == 128
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"mlp_bias": True}, "mlp_bias true"),
+    ({"use_sliding_window": True}, "sliding-window attention"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window attention"),
+], ids=["hidden_act", "mlp_bias", "use_sliding_window", "layer_types"])
+def test_from_hf_unsupported_setting(change, message):
+    with pytest.raises(ValueError, match=f"config dict: unsupported settings: {message}"):
+        ModelConfig.from_hf({**QWEN2_HF, **change})
+
+
+def test_from_hf_full_attention_layer_types_accepted():
+    # transformers 5 writes layer_types for every Qwen config, all full_attention unless sliding
+    config = ModelConfig.from_hf({**QWEN2_HF, "use_sliding_window": False,
+                                  "layer_types": ["full_attention", "full_attention"]})
+    assert config.architecture == "Qwen2ForCausalLM"
+
+
+def test_o_proj_bias_by_family():
+    assert ModelConfig(attention_bias=True).o_proj_bias is True
+    assert ModelConfig(architecture="Qwen3ForCausalLM", attention_bias=True).o_proj_bias is True
+    assert ModelConfig(architecture="Qwen2ForCausalLM", attention_bias=True).o_proj_bias is False
+    assert ModelConfig(attention_bias=False).o_proj_bias is False
+
+
+# ---------------------------------------------------------------------------------------------
 # to_hf
 
 
@@ -265,6 +388,7 @@ NUM_PARAMETER_CONFIGS = {
     "head_dim": ModelConfig.from_preset("tiny", head_dim=16, num_key_value_heads=1),
     "qwen2_tied": ModelConfig.from_hf(QWEN2_HF),
     "qwen3": ModelConfig.from_hf({**QWEN3_HF, "tie_word_embeddings": False}),
+    "qwen3_bias": ModelConfig.from_hf({**QWEN3_HF, "attention_bias": True}),
 }
 
 

@@ -65,6 +65,8 @@ def reference_forward(model: Transformer, ids: torch.Tensor, inv_freq: torch.Ten
         scores = scores.masked_fill(~causal, float("-inf"))
         attention = torch.softmax(scores, dim=-1) @ v  # (B, H, T, Dh)
         x = x + attention.transpose(1, 2).reshape(B, T, H * Dh) @ w[p + "self_attn.o_proj.weight"].T
+        if c.attention_bias and c.architecture != "Qwen2ForCausalLM":
+            x = x + w[p + "self_attn.o_proj.bias"]  # Llama and Qwen3 put the bias on o_proj too
         h = reference_rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
         gate = F.silu(h @ w[p + "mlp.gate_proj.weight"].T)
         up = h @ w[p + "mlp.up_proj.weight"].T
@@ -80,6 +82,7 @@ REFERENCE_CONFIGS = {
     "mha": dict(num_key_value_heads=4),
     "mqa": dict(num_key_value_heads=1),
     "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True),
+    "llama_bias": dict(attention_bias=True),
     "qwen3": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=16),
 }
 
@@ -308,7 +311,8 @@ def test_rope_buffer_not_in_state_dict(make_model):
 # Parameter names and family options
 
 
-def hf_names(layers: int, bias: bool = False, qk_norm: bool = False, tied: bool = False) -> set[str]:
+def hf_names(layers: int, bias: bool = False, qk_norm: bool = False, tied: bool = False,
+             o_bias: bool = False) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not tied:
         names.add("lm_head.weight")
@@ -319,6 +323,8 @@ def hf_names(layers: int, bias: bool = False, qk_norm: bool = False, tied: bool 
         names |= {p + f"mlp.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")}
         if bias:
             names |= {p + f"self_attn.{proj}.bias" for proj in ("q_proj", "k_proj", "v_proj")}
+        if o_bias:
+            names.add(p + "self_attn.o_proj.bias")
         if qk_norm:
             names |= {p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"}
     return names
@@ -332,6 +338,12 @@ def test_parameter_names_llama(make_model):
 def test_parameter_names_qwen2(make_model):
     model = make_model(architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True)
     assert {name for name, _ in model.named_parameters()} == hf_names(2, bias=True, tied=True)
+
+
+def test_parameter_names_llama_bias(make_model):
+    # transformers' Llama and Qwen3 put attention_bias on o_proj as well. Qwen2 never does.
+    model = make_model(attention_bias=True)
+    assert {name for name, _ in model.named_parameters()} == hf_names(2, bias=True, o_bias=True)
 
 
 def test_parameter_names_qwen3(make_model):
