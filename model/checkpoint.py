@@ -67,7 +67,10 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     config = ModelConfig.from_hf(folder)
     state = load_state_dict(folder, device)
     if config.tie_word_embeddings:
+        # a tied checkpoint may also store this copy of the embedding, which transformers ignores too
         state.pop("lm_head.weight", None)
+    for name in [k for k in state if k.endswith("rotary_emb.inv_freq")]:
+        del state[name]  # older exports saved the rope buffer, which is rebuilt from config.json below
     with torch.device("meta"):
         model = Transformer(config)
     expected = set(model.state_dict())
@@ -75,7 +78,14 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{folder}: weights do not match config.json: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        problems = [f"{label} ({len(names)}): {names[:8]}"
+                    for label, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise ValueError(
+            f"{folder}: weights do not match config.json ({config.architecture}, "
+            f"{config.num_hidden_layers} layers, attention_bias={config.attention_bias}, "
+            f"qk_norm={config.qk_norm}, tie_word_embeddings={config.tie_word_embeddings}): "
+            + "; ".join(problems)
+        )
     expected_shapes = {k: v.shape for k, v in model.state_dict().items()}
     wrong = [f"{k} {tuple(v.shape)} != {tuple(expected_shapes[k])}" for k, v in state.items() if v.shape != expected_shapes[k]]
     if wrong:
@@ -90,12 +100,28 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     return model
 
 
+def check_tokenizer_fits(model: Transformer, tokenizer: Tokenizer):
+    """Raise ValueError unless every id of `tokenizer` has a row in the model's embedding matrix.
+
+    A tokenizer may have fewer ids than rows (Qwen pads its embeddings), but never more.
+    """
+    rows = model.model.embed_tokens.weight.shape[0]
+    needed = tokenizer.max_id + 1
+    if needed > rows:
+        raise ValueError(
+            f"the tokenizer has ids up to {needed - 1} but the embedding matrix has {rows} rows; "
+            f"call model.resize_token_embeddings({needed}) after adding tokens"
+        )
+
+
 def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path: str | Path,
                     max_shard_bytes: int | None = None):
     """Write the HF layout; with max_shard_bytes, split the weights into shards plus an index."""
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper must not leak into names
+    if tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
@@ -126,7 +152,10 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path: str |
         (folder / WEIGHTS_NAME).unlink(missing_ok=True)
 
     hf_config = config.to_hf()
-    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    # transformers 5 reads "dtype" before "torch_dtype". A "dtype" kept in `extra` from a loaded config
+    # would be stale after a cast, so both keys get the dtype of the saved weights.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = hf_config["dtype"] = dtype
     generation = {}
     if tokenizer is not None:
         hf_config["eos_token_id"] = tokenizer.eos_id

@@ -60,6 +60,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         stop_ids = [list(stop_ids)] * rows
     if len(stop_ids) != rows:
         raise ValueError(f"stop_ids has {len(stop_ids)} lists, expected one per output row ({rows})")
+    embedding_rows = model.model.embed_tokens.weight.shape[0]
+    largest_id = max([pad_id] + [max(p) for p in prompts if p])
+    if largest_id >= embedding_rows:
+        raise ValueError(f"token id {largest_id} in the prompts or pad_id is out of range for the embedding "
+                         f"matrix ({embedding_rows} rows); resize the model's embeddings to fit the tokenizer")
     width = max(1, max(len(s) for s in stop_ids))
     stops = torch.tensor([list(s) + [-1] * (width - len(s)) for s in stop_ids], device=device)  # (rows, S)
 

@@ -61,6 +61,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def max_id(self) -> int:
+        """Largest token id; the embedding matrix needs max_id + 1 rows even where ids have gaps."""
+        return max(self.tk.get_vocab(with_added_tokens=True).values())
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without BOS/EOS; the sequence builder adds those."""
         return self.tk.encode(text, add_special_tokens=False).ids

@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from model.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained
+from model.checkpoint import INDEX_NAME, WEIGHTS_NAME, check_tokenizer_fits, load_pretrained, save_pretrained
 from model.config import ModelConfig
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, train_tokenizer
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3], [4, 4, 8, 0, 6, 2]])
 
@@ -178,7 +179,21 @@ def test_bf16_load_logits(make_model, tok, tmp_path):
 
 def test_bf16_config_torch_dtype(make_model, tok, tmp_path):
     save_pretrained(make_model(vocab_size=tok.vocab_size).to(torch.bfloat16), tok, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    assert config["dtype"] == "bfloat16"
+
+
+def test_cast_replaces_loaded_dtype_key(make_model, tok, tmp_path):
+    # from_hf keeps the "dtype" of a transformers 5 config.json in extra. After a cast, the saved
+    # file must name the new dtype, because transformers 5 reads "dtype" first.
+    save_pretrained(make_model(vocab_size=tok.vocab_size).to(torch.bfloat16), tok, tmp_path / "bf16")
+    loaded = load_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert loaded.config.extra["dtype"] == "bfloat16"
+    save_pretrained(loaded, tok, tmp_path / "fp32")
+    config = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    assert config["dtype"] == "float32"
+    assert config["torch_dtype"] == "float32"
 
 
 def test_load_dtype_override(make_model, tok, tmp_path):
@@ -280,8 +295,66 @@ def test_weights_config_mismatch(make_model, tok, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="weights do not match config.json: missing"):
+    with pytest.raises(ValueError, match=r"weights do not match config\.json .*: missing \(9\): \['model\.layers\.2\."):
         load_pretrained(tmp_path)
+
+
+def test_missing_weight_named(make_model, tok, tmp_path):
+    saved_model(make_model, tok, tmp_path)
+    state = load_file(tmp_path / WEIGHTS_NAME)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"missing \(1\): \['model\.layers\.1\.mlp\.up_proj\.weight'\]$"):
+        load_pretrained(tmp_path)
+
+
+def test_unexpected_weight_named(make_model, tok, tmp_path):
+    saved_model(make_model, tok, tmp_path)
+    state = load_file(tmp_path / WEIGHTS_NAME)
+    state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): \['model\.layers\.0\.mlp\.extra_proj\.weight'\]$"):
+        load_pretrained(tmp_path)
+
+
+def test_stored_rope_buffer_ignored(make_model, tok, tmp_path):
+    # older exports stored each layer's rotary_emb.inv_freq, which the loader rebuilds from config.json
+    model = saved_model(make_model, tok, tmp_path)
+    state = load_file(tmp_path / WEIGHTS_NAME)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(4)
+    save_file(state, tmp_path / WEIGHTS_NAME)
+    assert torch.equal(logits_of(load_pretrained(tmp_path)), logits_of(model))
+
+
+def test_unsupported_architecture_folder(make_model, tok, tmp_path):
+    saved_model(make_model, tok, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'MistralForCausalLM'; supported: LlamaForCausalLM"):
+        load_pretrained(tmp_path)
+
+
+def test_save_tokenizer_too_large(make_model, tok, tmp_path):
+    model = make_model(vocab_size=tok.vocab_size - 3)
+    with pytest.raises(ValueError, match=rf"ids up to {tok.vocab_size - 1} but the embedding matrix has "
+                                         rf"{tok.vocab_size - 3} rows; call model\.resize_token_embeddings"):
+        save_pretrained(model, tok, tmp_path)
+    assert not tmp_path.joinpath(WEIGHTS_NAME).exists()
+
+
+def test_tokenizer_smaller_than_embeddings(make_model, tok):
+    # Qwen pads its embedding matrix beyond the tokenizer's ids, which is valid
+    check_tokenizer_fits(make_model(vocab_size=tok.vocab_size + 50), tok)
+
+
+def test_tokenizer_fits_after_resize(make_model):
+    tokenizer = train_tokenizer(["a b c 1 2"], vocab_size=280)
+    model = make_model(vocab_size=tokenizer.vocab_size - len(tokenizer.added_ids))
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        check_tokenizer_fits(model, tokenizer)
+    model.resize_token_embeddings(tokenizer.vocab_size)
+    check_tokenizer_fits(model, tokenizer)
 
 
 def test_unexpected_weights(make_model, tok, tmp_path):
@@ -289,7 +362,7 @@ def test_unexpected_weights(make_model, tok, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unexpected \[.*q_proj\.bias"):
+    with pytest.raises(ValueError, match=r"unexpected \(6\): \[.*q_proj\.bias"):
         load_pretrained(tmp_path)
 
 

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from model.generate import generate, sample_next, sampling_logprobs
+from pcl.losses import token_logprobs
+from pcl.sequence import Segment, Sequence, collate
 
 PAD = 0
 PROMPTS = [[5, 9, 12, 3, 7], [8, 2], [4, 11, 6, 1, 9, 13, 2, 10]]
@@ -87,6 +89,39 @@ def test_logprobs_match_full_forward(model):
         torch.testing.assert_close(result.logprobs[row], expected, atol=1e-5, rtol=0, msg=f"row {row}")
 
 
+FAMILIES = {
+    "llama3": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True),
+    "qwen3": dict(architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_match_training_batch(make_model, family, temperature):
+    # The GRPO update recomputes log-probs from a right-padded batch of whole sequences with no
+    # attention mask. They must equal the sampler's, which came from left-padded prompts and a KV
+    # cache that drops finished rows, so that the importance ratio of the first step is 1.
+    model = make_model(seed=2, **FAMILIES[family])
+    generator = torch.Generator().manual_seed(0)
+    result = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[3, 17], pad_id=PAD, num_samples=3,
+                      temperature=temperature, generator=generator)
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    sequences = [Sequence(p + t, [int(Segment.PROMPT)] * len(p) + [int(Segment.REASONING)] * len(t))
+                 for p, t in zip(prompts, result.tokens)]
+    input_ids, _ = collate(sequences, pad_id=PAD)  # (B, T)
+    model.train()
+    with torch.no_grad():
+        training = token_logprobs(model(input_ids)[:, :-1], input_ids[:, 1:], temperature)  # (B, T-1)
+    for row, (prompt, sampled) in enumerate(zip(prompts, result.logprobs)):
+        start = len(prompt) - 1  # the first generated id is the target of the last prompt position
+        recomputed = training[row, start:start + len(sampled)]
+        torch.testing.assert_close(recomputed, sampled, atol=1e-5, rtol=0, msg=f"row {row}")
+        ratio = torch.exp(recomputed - sampled)
+        assert (ratio - 1).abs().max() <= 1e-5, f"row {row}"
+
+
 def test_logprobs_length(model):
     result = generate(model, PROMPTS, max_new_tokens=7, stop_ids=[], pad_id=PAD, num_samples=2,
                       temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -143,6 +178,17 @@ def test_stop_ids_shared(model):
 def test_stop_ids_wrong_row_count(model):
     with pytest.raises(ValueError, match="stop_ids has 2 lists, expected one per output row \\(6\\)"):
         generate(model, PROMPTS[:2], max_new_tokens=4, stop_ids=[[1], [2]], pad_id=PAD, num_samples=3)
+
+
+def test_prompt_id_out_of_range(model):
+    with pytest.raises(ValueError, match="token id 64 in the prompts or pad_id is out of range for the "
+                                         r"embedding matrix \(64 rows\)"):
+        generate(model, [[1, 64]], max_new_tokens=2, stop_ids=[], pad_id=PAD)
+
+
+def test_pad_id_out_of_range(model):
+    with pytest.raises(ValueError, match="token id 70 in the prompts or pad_id is out of range"):
+        generate(model, PROMPTS, max_new_tokens=2, stop_ids=[], pad_id=70)
 
 
 def test_max_new_tokens_cut(model):
