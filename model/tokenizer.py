@@ -67,7 +67,14 @@ class Tokenizer:
         return max(self.tk.get_vocab(with_added_tokens=True).values())
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` without BOS/EOS; the sequence builder adds those."""
+        """Token ids of `text` without BOS/EOS; the sequence builder adds those.
+
+        The sequence builder (pcl.sequence) encodes each part of a sequence separately and
+        concatenates the ids. That gives the ids of the joined text when every boundary is next to
+        a special token (a PCL tag or EOS), because the tokenizer cuts the text at special tokens
+        before BPE runs. A boundary inside plain text can change the ids, since BPE then cannot
+        merge across it: "evalu" + "ation" encodes to more ids than "evaluation".
+        """
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:

@@ -1,10 +1,14 @@
 import json
 
 import pytest
+from conftest import HF_TOKENIZER_STYLES, write_hf_style_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from model.tokenizer import EOS_TOKEN, MARKER, PAD_TOKEN, PCL_TOKENS, Tokenizer, train_tokenizer
+from data import Row, format_prompt
+from model.tokenizer import (EOS_TOKEN, EVALUATION, EVALUATION_END, MARKER, PAD_TOKEN, PCL_TOKENS, REWARD,
+                             REWARD_END, Tokenizer, train_tokenizer)
+from pcl.sequence import completion_text, evaluation_track, prompt_ids, reasoning_track
 
 PCL_TEXT = (
     "Cara has 305 coins. She loses 17.\n"
@@ -148,3 +152,126 @@ def test_from_folder_no_eos(tmp_path):
     tk.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="cannot find the end-of-sequence token"):
         Tokenizer.from_folder(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers laid out like those Qwen2, Qwen3 and Llama 3 ship
+
+
+@pytest.fixture(params=list(HF_TOKENIZER_STYLES))
+def hf_style(request, tmp_path):
+    """(style, folder) of a tokenizer written by write_hf_style_tokenizer, without the PCL tokens."""
+    return request.param, write_hf_style_tokenizer(tmp_path / "base", request.param)
+
+
+def test_hf_style_special_ids(hf_style):
+    style, folder = hf_style
+    raw = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    config = HF_TOKENIZER_STYLES[style]["config"]
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.eos_id == raw.token_to_id(config["eos_token"])
+    assert tokenizer.pad_id == raw.token_to_id(config.get("pad_token", config["eos_token"]))
+    if style == "llama3":
+        assert tokenizer.bos_id == raw.token_to_id("<|begin_of_text|>")
+    else:
+        assert tokenizer.bos_id is None
+
+
+def test_hf_style_encode_without_bos(hf_style):
+    _, folder = hf_style
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.bos_id not in tokenizer.encode("Ann has 12 apples.")
+
+
+def test_hf_style_round_trip(hf_style):
+    _, folder = hf_style
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.decode(tokenizer.encode(PCL_TEXT)) == PCL_TEXT
+
+
+def test_hf_style_pcl_tokens_appended(hf_style):
+    style, folder = hf_style
+    raw = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer = Tokenizer.from_folder(folder)
+    already_present = [t for t in PCL_TOKENS if raw.token_to_id(t) is not None]
+    new = len(PCL_TOKENS) - len(already_present)
+    assert already_present == (["<think>", "</think>"] if style == "qwen3" else [])
+    assert tokenizer.vocab_size == raw.get_vocab_size() + new
+    assert tokenizer.added_ids == list(range(raw.get_vocab_size(), raw.get_vocab_size() + new))
+    for token in already_present:
+        assert tokenizer.token_id(token) == raw.token_to_id(token), token
+    for token in PCL_TOKENS:
+        assert tokenizer.encode(f"x{token}y").count(tokenizer.token_id(token)) == 1, token
+
+
+def test_hf_style_pcl_tokens_added_once(hf_style, tmp_path):
+    _, folder = hf_style
+    first = Tokenizer.from_folder(folder)
+    first.add_pcl_tokens()
+    assert first.vocab_size == len(first.tk.get_vocab(with_added_tokens=True))
+    first.save(tmp_path / "saved")
+    second = Tokenizer.from_folder(tmp_path / "saved")
+    assert second.added_ids == []
+    assert second.vocab_size == first.vocab_size
+    assert second.max_id == first.max_id
+    for token in PCL_TOKENS:
+        assert second.token_id(token) == first.token_id(token), token
+    assert second.encode(PCL_TEXT) == first.encode(PCL_TEXT)
+
+
+def test_max_id_is_last_added(hf_style):
+    _, folder = hf_style
+    tokenizer = Tokenizer.from_folder(folder)
+    assert tokenizer.max_id == tokenizer.vocab_size - 1
+    assert tokenizer.max_id == max(tokenizer.token_id(t) for t in PCL_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequence builder encodes its parts separately and concatenates the ids
+
+
+ROW = Row(question="Ann has 12 apples. She buys 7 more. How many apples does Ann have now?",
+          answer="19", reasoning="12 + 7 = 19.", source="test:0")
+EVALUATION_TEXT, REWARD_TEXT = "format: 1\naccuracy: 1\ntotal: 2", "2"
+
+
+def builder_tokenizers(tok, tmp_path):
+    yield "trained", tok
+    for style in HF_TOKENIZER_STYLES:
+        yield style, Tokenizer.from_folder(write_hf_style_tokenizer(tmp_path / style, style))
+
+
+def test_reasoning_track_equals_joined_text(tok, tmp_path):
+    prompt = format_prompt("synthetic", ROW)
+    completion = completion_text(ROW.reasoning, ROW.answer)
+    for name, tokenizer in builder_tokenizers(tok, tmp_path):
+        built = reasoning_track(tokenizer, prompt_ids(tokenizer, prompt), completion).input_ids
+        assert built == prompt_ids(tokenizer, prompt + completion + MARKER), name
+
+
+def test_evaluation_track_equals_joined_text(tok, tmp_path):
+    prompt = format_prompt("synthetic", ROW)
+    completion = completion_text(ROW.reasoning, ROW.answer)
+    for name, tokenizer in builder_tokenizers(tok, tmp_path):
+        built = evaluation_track(tokenizer, prompt_ids(tokenizer, prompt), tokenizer.encode(completion),
+                                 EVALUATION_TEXT, REWARD_TEXT).input_ids
+        joined = (prompt + completion + MARKER + EVALUATION + EVALUATION_TEXT + EVALUATION_END + REWARD
+                  + REWARD_TEXT + REWARD_END + tokenizer.eos_token)
+        assert built == prompt_ids(tokenizer, joined), name
+
+
+def test_split_inside_word_differs(tok):
+    # a boundary inside plain text is where encoding parts separately changes the ids, which is
+    # why the builder only splits next to special tokens
+    word = "evaluation"
+    assert len(tok.encode(word)) == 1
+    pieces = tok.encode(word[:5]) + tok.encode(word[5:])
+    assert len(pieces) > 1
+    assert tok.decode(pieces) == word
+
+
+def test_split_before_space_same_ids(tok):
+    # the pre-tokenizer already cuts before a space, so this plain-text boundary is harmless
+    text = "Ann has 12 apples."
+    cut = text.index(" apples")
+    assert tok.encode(text[:cut]) + tok.encode(text[cut:]) == tok.encode(text)
