@@ -33,9 +33,10 @@ from model.generate import generate
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
 from pcl import rewards
-from pcl.grpo import GRPOConfig, collect_rollouts, grpo_loss, rollout_stats
+from pcl.grpo import GRPOConfig, collect_rollouts, grpo_backward, micro_batches, rollout_stats
+from pcl.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from pcl.sequence import prompt_ids, reasoning_track
-from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_loss
+from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_backward
 
 log = logging.getLogger("train")
 
@@ -138,10 +139,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "256 on strategyqa, 320 on gsm8k and mathqa)")
     rl.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
     rl.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold of rollouts")
-    rl.add_argument("--clip-eps", type=float, default=0.2,
-                    help="PPO clip range of the importance ratio. NOTE: each batch of rollouts gets one optimizer "
-                         "step, so the ratio is 1 and clipping is inactive until rollouts are reused")
-    rl.add_argument("--kl-coef", type=float, default=0.04, help="weight of the k3 KL penalty to the frozen reference")
+    rl.add_argument("--inner-steps", type=int, default=1,
+                    help="optimizer updates per batch of rollouts; the importance ratio departs from 1, and "
+                         "clipping acts, from the second one on")
+    rl.add_argument("--micro-batch-size", type=int, default=0,
+                    help="rows per forward pass, GRPO and SFT alike (0: the whole batch); the gradient does not "
+                         "depend on it")
+    rl.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: the ratio is clipped below at 1 - this")
+    rl.add_argument("--clip-high", type=float, default=0.2,
+                    help="PPO clip: the ratio is clipped above at 1 + this (above --clip-low: DAPO's clip-higher)")
+    rl.add_argument("--kl-coef", type=float, default=0.04, help="weight of the KL penalty to the frozen reference")
+    rl.add_argument("--kl-estimator", choices=KL_ESTIMATORS, default="k3",
+                    help="estimator of KL(policy || reference) on the sampled tokens, d = log p_ref - log p: "
+                         "k1 = -d, k3 = exp(d) - d - 1")
+    rl.add_argument("--kl-on-flat-groups", action=argparse.BooleanOptionalAction, default=True,
+                    help="give the KL term to groups whose rewards are all equal (advantage 0); without it such "
+                         "groups get no gradient at all")
+    rl.add_argument("--loss-agg", choices=list(LOSS_AGGREGATIONS), default="token-mean",
+                    help="how the GRPO token losses of a step are averaged: " +
+                         "; ".join(f"{k}: {v}" for k, v in LOSS_AGGREGATIONS.items()))
+    rl.add_argument("--mask-truncated", action="store_true",
+                    help="leave completions cut by --max-new-tokens out of the GRPO loss and its normaliser")
     rl.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
                     help="divide advantages by the group's reward standard deviation")
     rl.add_argument("--split-advantage", action="store_true",
@@ -201,13 +219,14 @@ def check_args(p: argparse.ArgumentParser, args):
     at_least = {"steps": 1, "batch_size": 1, "eval_track_batch_size": 0, "pool_size": 1, "cold_start_examples": 0,
                 "sample_every": 0, "eval_track_samples": 1, "prompts_per_step": 1, "max_new_tokens": 1,
                 "max_evaluation_tokens": 1, "eval_examples": 1, "eval_batch_size": 1, "log_every": 1,
-                "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300}
+                "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300, "inner_steps": 1,
+                "micro_batch_size": 0}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
 
-    for name in ("lr", "warmup_lr", "clip_eps"):
+    for name in ("lr", "warmup_lr", "clip_low", "clip_high"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("kl_coef", "temperature", "w_acc", "w_fmt", "w_con", "lambda_eval", "lambda_score", "lambda_sft",
@@ -215,6 +234,8 @@ def check_args(p: argparse.ArgumentParser, args):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
 
+    if args.clip_low >= 1:
+        p.error(f"--clip-low must be below 1 (the ratio's lower bound is 1 - clip_low), got {args.clip_low}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.w_acc + args.w_fmt == 0:
@@ -347,8 +368,12 @@ class Trainer:
         self.sampler = RowSampler(train_rows, args.seed)
         self.sft_cfg = SFTConfig(args.batch_size, args.eval_track_batch_size, args.lambda_eval,
                                  args.lambda_score, args.pool_size, args.balance_eval_track)
-        self.grpo_cfg = GRPOConfig(args.group_size, args.prompts_per_step, args.max_new_tokens, args.temperature,
-                                   args.top_p, args.clip_eps, args.kl_coef, args.scale_rewards, args.split_advantage)
+        self.grpo_cfg = GRPOConfig(
+            group_size=args.group_size, prompts_per_step=args.prompts_per_step, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, clip_low=args.clip_low, clip_high=args.clip_high,
+            kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, kl_on_flat_groups=args.kl_on_flat_groups,
+            inner_steps=args.inner_steps, micro_batch_size=args.micro_batch_size, scale_rewards=args.scale_rewards,
+            loss_agg=args.loss_agg, mask_truncated=args.mask_truncated, split_advantage=args.split_advantage)
         self.score_head = score_head
         self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size, args.balance_eval_track)
         self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
@@ -367,10 +392,12 @@ class Trainer:
         evaluation = self.eval_track.sample(self.sft_cfg.eval_batch_size, self.rng)
         return reasoning, evaluation
 
-    def sft_objective(self):
+    def sft_backward(self, scale: float = 1.0) -> dict:
         reasoning, evaluation = self.sft_batch()
-        return sft_loss(self.model, reasoning, evaluation, self.score_head, self.sft_cfg, self.tok.pad_id,
-                        compile=self.args.compile)
+        stats = sft_backward(self.model, reasoning, evaluation, self.score_head, self.sft_cfg, self.tok.pad_id,
+                             self.args.micro_batch_size, scale, compile=self.args.compile, autocast=self.autocast)
+        stats["tokens"] = sum(len(s) for s in reasoning) + sum(len(e.sequence) for e in evaluation)
+        return stats
 
     def refresh_evaluation_track(self):
         """Answer training prompts with the current model, stopping at the marker as inference does,
@@ -394,22 +421,44 @@ class Trainer:
             completion = completion[:-1]
         self.eval_track.add(row, prompt, completion)
 
-    def rl_objective(self, with_sft: bool):
-        rows = self.sampler.next(self.grpo_cfg.prompts_per_step)
+    def update(self, optimizer, backward) -> dict:
+        """One optimizer update: zero the gradients, run `backward` (which accumulates them and returns
+        statistics), clip and step."""
+        optimizer.zero_grad(set_to_none=True)
+        stats = backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf"))
+        optimizer.step()
+        return {**stats, "grad_norm": grad_norm.item()}
+
+    def rl_step(self, optimizer, with_sft: bool) -> dict:
+        """Sample a batch of rollouts, then run cfg.inner_steps optimizer updates on it (each with a
+        fresh SFT batch in hybrid). Returns the rollout statistics and the updates' mean statistics."""
+        cfg = self.grpo_cfg
+        rows = self.sampler.next(cfg.prompts_per_step)
         with self.autocast:
-            rollouts = collect_rollouts(self.model, self.tok, self.args.data, rows, self.grpo_cfg, self.weights,
-                                        self.generator)
-        stats = rollout_stats(rollouts, self.grpo_cfg.group_size)
-        loss, grpo_stats = grpo_loss(self.model, self.ref_model, rollouts, self.grpo_cfg)
-        stats.update(grpo_stats)
-        if with_sft:
-            if self.args.eval_track_from_rollouts:
-                for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
-                    self.add_sample(row, prompt, completion)
-            sft, sft_stats = self.sft_objective()
-            loss = loss + self.args.lambda_sft * sft
-            stats.update(sft_stats)
-        return loss, stats
+            rollouts = collect_rollouts(self.model, self.tok, self.args.data, rows, cfg, self.weights, self.generator)
+        if with_sft and self.args.eval_track_from_rollouts:
+            for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
+                self.add_sample(row, prompt, completion)
+        batches = micro_batches(rollouts, cfg, self.device)
+        rollout_tokens = sum(len(s) for s in rollouts.sequences)
+
+        def backward():
+            stats = grpo_backward(self.model, self.ref_model, batches, cfg, autocast=self.autocast)
+            stats["tokens"] = rollout_tokens
+            if with_sft:
+                sft = self.sft_backward(scale=self.args.lambda_sft)
+                stats["tokens"] += sft.pop("tokens")
+                stats.update(sft)
+            return stats
+
+        updates = [self.update(optimizer, backward) for _ in range(cfg.inner_steps)]
+        stats = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
+        # only the first update compares the sampler's log-probs with the training forward's
+        stats["grpo_sampler_logprob_error"] = updates[0]["grpo_sampler_logprob_error"]
+        stats["tokens"] = sum(u["tokens"] for u in updates)
+        stats.update(rollout_stats(rollouts, cfg.group_size, cfg.mask_truncated))
+        return stats
 
     # stages -------------------------------------------------------------------------------------
 
@@ -430,19 +479,17 @@ class Trainer:
             refresh = args.sample_every and stage_step % args.sample_every == args.sample_every - 1
             if phase in ("sft", "hybrid") and refresh:
                 self.refresh_evaluation_track()
-            with self.autocast:
-                if phase == "sft":
-                    loss, stats = self.sft_objective()
-                else:
-                    loss, stats = self.rl_objective(with_sft=phase == "hybrid")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip or float("inf"))
-            optimizer.step()
+            if phase == "sft":
+                stats = self.update(optimizer, self.sft_backward)
+                stats["loss"] = stats["sft_loss"]
+            else:
+                stats = self.rl_step(optimizer, with_sft=phase == "hybrid")
+                stats["loss"] = stats["grpo_loss"] + (args.lambda_sft * stats["sft_loss"] if phase == "hybrid" else 0)
+            dt = time.perf_counter() - t0
+            stats["tokens_per_s"] = stats.pop("tokens") / dt
 
             self.step += 1
-            record = {"step": self.step, "phase": phase, "loss": loss.item(), "lr": lr,
-                      "grad_norm": grad_norm.item(), "dt": time.perf_counter() - t0, **stats}
+            record = {"step": self.step, "phase": phase, "lr": lr, "dt": dt, **stats}
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
             if stage_step % args.log_every == 0 or stage_step == steps - 1:
@@ -460,10 +507,12 @@ def format_log_line(record: dict, stage_step: int, steps: int) -> str:
     line = f"{record['phase']:6s} step {stage_step + 1:05d}/{steps:05d} | loss {record['loss']:.4f}"
     for key, label in [("sft_reason", "reason"), ("sft_eval", "eval"), ("sft_score", "score"),
                        ("reward", "reward"), ("reward_accuracy", "acc"), ("reward_consistency", "con"),
-                       ("grpo_kl", "kl"), ("grpo_entropy", "entropy"), ("groups_all_equal", "flat"), ("completion_length", "len")]:
+                       ("reward_unparseable", "unparsed"), ("groups_all_equal", "flat"), ("grpo_kl", "kl"),
+                       ("grpo_clip_low", "clip_lo"), ("grpo_clip_high", "clip_hi"), ("grpo_entropy", "entropy"),
+                       ("completion_length", "len"), ("truncated", "trunc"), ("grad_norm", "gnorm")]:
         if key in record:
             line += f" | {label} {record[key]:.3f}"
-    return line + f" | lr {record['lr']:.1e} | dt {record['dt']:.2f}s"
+    return line + f" | lr {record['lr']:.1e} | {record['tokens_per_s']:.0f} tok/s | dt {record['dt']:.2f}s"
 
 
 def main(argv=None):

@@ -94,36 +94,87 @@ def score_regression_fused(logits, score_mask, candidate_ids, candidate_values, 
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO
+# GRPO: per-token terms, then one aggregation with a normaliser counted over the whole step
+#
+# A step's rollouts may be split into micro-batches (and, with several processes, across ranks).
+# The normaliser is counted once over all of them before any backward pass. Each micro-batch
+# divides its sum by that same number, so the accumulated gradient does not depend on the split
+# or on how much padding a micro-batch has.
+
+LOSS_AGGREGATIONS = {
+    "token-mean": "sum over every valid token of the step / number of valid tokens of the step",
+    "seq-mean-token-mean": "mean over each sequence's valid tokens, then mean over the step's sequences",
+    "seq-mean-token-sum-norm": "sum over every valid token / (sequences of the step * max_new_tokens), "
+                               "the constant normaliser of Dr. GRPO (Liu et al. 2025)",
+}
+KL_ESTIMATORS = ("k1", "k3")
 
 
-def grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps: float, kl_coef: float):
-    """Per-token GRPO loss (B, T), zero outside mask, and per-token statistics.
+def loss_normaliser(masks, mode: str, max_new_tokens: int) -> float:
+    """Count the step's normaliser for `mode` over the masks (B_i, T_i) of all its micro-batches.
 
-    Clipped surrogate of PPO (Schulman et al. 2017): -min(ratio * A, clip(ratio, 1 +- eps) * A),
-    plus kl_coef times the k3 estimator of KL(policy || reference) (Schulman 2020,
-    "Approximating KL divergence"): exp(ref - logp) - (ref - logp) - 1, which is unbiased and >= 0.
-    All inputs (B, T); old_logprobs come from the sampler, ref_logprobs from the frozen reference
-    (None when kl_coef is 0).
+    A sequence counts only when it has at least one valid token, so rows dropped from the loss
+    (truncated ones under truncation masking) leave numerator and denominator alike.
     """
-    zeros = torch.zeros_like(logprobs)
-    # masked slots may hold anything (padding log-probs): select them away before any arithmetic
+    if mode == "token-mean":
+        return float(sum(int(m.sum()) for m in masks))
+    sequences = sum(int(m.any(-1).sum()) for m in masks)
+    if mode == "seq-mean-token-mean":
+        return float(sequences)
+    if mode == "seq-mean-token-sum-norm":
+        return float(sequences * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:
+    """Return one micro-batch's share of the step loss: values (B, T) at the valid positions of
+    mask, reduced by `mode` and divided by the step's `normaliser` (from loss_normaliser).
+
+    The masked-out slots are selected away, so NaN or inf there never reaches the result. A step with
+    nothing to train on (normaliser 0) gives 0, not NaN.
+    """
+    summed = torch.where(mask, values, torch.zeros_like(values))
+    if mode == "seq-mean-token-mean":
+        summed = summed.sum(-1) / mask.sum(-1).clamp(min=1)
+    elif mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+    return summed.sum() / max(normaliser, 1.0)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low: float, clip_high: float):
+    """Per-token clipped surrogate of PPO (Schulman et al. 2017), (B, T), zero outside mask:
+
+        -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A),  ratio = exp(logp - old_logp)
+
+    A separate upper bound (clip_high > clip_low) is the "clip-higher" of DAPO (Yu et al. 2025).
+    Returns (loss, ratio, clipped_low, clipped_high), the last two bool: where the clip is active
+    and takes the gradient away (ratio below 1 - clip_low with A < 0, above 1 + clip_high with A > 0).
+    """
+    # select masked slots away before any arithmetic: they may hold NaN from padding
     old_logprobs = torch.where(mask, old_logprobs, logprobs.detach())
+    advantages = torch.where(mask, advantages, torch.zeros_like(advantages))
     ratio = torch.exp(logprobs - old_logprobs)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    surrogate = torch.minimum(ratio * advantages, clipped * advantages)
-    loss = -surrogate
-    kl = zeros
-    if ref_logprobs is not None and kl_coef > 0:
-        ref_logprobs = torch.where(mask, ref_logprobs, logprobs.detach())
-        log_ratio = ref_logprobs - logprobs
-        kl = torch.exp(log_ratio) - log_ratio - 1
-        loss = loss + kl_coef * kl
-    loss = torch.where(mask, loss, zeros)
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages)
     with torch.no_grad():
-        stats = {
-            "kl": torch.where(mask, kl, zeros).sum(),
-            "clipped": torch.where(mask, ((ratio - clipped).abs() > 0).float(), zeros).sum(),
-            "ratio": torch.where(mask, ratio, zeros).sum(),
-        }
-    return loss, stats
+        clipped_low = mask & (ratio < 1 - clip_low) & (advantages < 0)
+        clipped_high = mask & (ratio > 1 + clip_high) & (advantages > 0)
+    return torch.where(mask, loss, torch.zeros_like(loss)), ratio.detach(), clipped_low, clipped_high
+
+
+def kl_penalty(logprobs, ref_logprobs, mask, estimator: str = "k3"):
+    """Per-token estimate of KL(policy || reference) from tokens sampled by the policy, (B, T), zero
+    outside mask (Schulman 2020, "Approximating KL divergence"), with d = ref_logp - logp:
+
+        k1 = -d                 unbiased, can be negative per token
+        k3 = exp(d) - d - 1     unbiased and >= 0 per token
+    """
+    ref_logprobs = torch.where(mask, ref_logprobs, logprobs.detach())
+    d = ref_logprobs - logprobs
+    if estimator == "k1":
+        kl = -d
+    elif estimator == "k3":
+        kl = torch.exp(d) - d - 1
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    return torch.where(mask, kl, torch.zeros_like(kl))

@@ -60,7 +60,12 @@ def completion_text(reasoning: str, answer: str) -> str:
 
 
 def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
-    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    """The prompt's ids, starting with the tokenizer's BOS id (if it has one) exactly once, also when
+    the prompt text itself begins with the BOS token."""
+    ids = tok.encode(prompt)
+    if tok.bos_id is None or ids[:1] == [tok.bos_id]:
+        return ids
+    return [tok.bos_id] + ids
 
 
 def reasoning_track(tok: Tokenizer, prompt: list[int], completion: str) -> Sequence:

@@ -12,6 +12,7 @@ with L_score the score regression of pcl.losses.
 """
 
 import random
+from contextlib import nullcontext
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from data import Row, format_prompt
 from model.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
 from pcl import rewards
 from pcl.losses import score_regression_fused, score_regression_reference, token_cross_entropy
-from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Sequence, collate, completion_text,
+from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Segment, Sequence, collate, completion_text,
                           evaluation_track, first_score_mask, prompt_ids, target_mask)
 
 
@@ -152,13 +153,29 @@ class ScoreHead:
         self.values = torch.tensor(values, dtype=torch.float32, device=device)  # (K,)
 
 
+def sft_counts(reasoning: list[Sequence], evaluation: list[EvalExample]) -> dict[str, int]:
+    """Count the normalisers of the three SFT terms from segment ids, over a whole step:
+    reasoning-track targets, evaluation-track targets, and evaluation rows with a score."""
+    def targets(sequences, segments):
+        wanted = {int(s) for s in segments}
+        return sum(sum(s in wanted for s in seq.segment_ids[1:]) for seq in sequences)
+
+    scored = [e.sequence for e in evaluation if int(Segment.SCORE) in e.sequence.segment_ids[1:]]
+    return {"reason": targets(reasoning, REASONING_TRACK),
+            "eval": targets([e.sequence for e in evaluation], EVALUATION_TRACK), "score": len(scored)}
+
+
 def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], score_head: ScoreHead | None,
-             cfg: SFTConfig, pad_id: int, compile: bool = True, reference: bool = False):
+             cfg: SFTConfig, pad_id: int, compile: bool = True, reference: bool = False,
+             counts: dict[str, int] | None = None):
     """L_sft over one batch of both tracks in a single forward pass; returns (loss, stats).
 
-    Each term is a mean over its own valid positions. `reference` uses the eager score regression.
+    Each term is a sum over its valid positions divided by `counts` (from sft_counts), the step's
+    normalisers; by default they are counted on this batch, so each term is a mean over its own
+    positions. `reference` uses the eager score regression.
     """
     device = model.lm_head.weight.device
+    counts = counts or sft_counts(reasoning, evaluation)
     sequences = reasoning + [e.sequence for e in evaluation]
     input_ids, segment_ids = collate(sequences, pad_id, device)  # (B, T)
     is_reasoning_row = torch.zeros(len(sequences), dtype=torch.bool, device=device)
@@ -169,9 +186,8 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
     # the evaluation track's completion is REASONING too, so each track's rows are selected explicitly
     reason_mask = target_mask(segment_ids, REASONING_TRACK) & is_reasoning_row[:, None]
     eval_mask = target_mask(segment_ids, EVALUATION_TRACK) & ~is_reasoning_row[:, None]
-    n_reason, n_eval = reason_mask.sum(), eval_mask.sum()
-    loss_reason = token_cross_entropy(logits, targets, reason_mask) / n_reason.clamp(min=1)
-    loss_eval = token_cross_entropy(logits, targets, eval_mask) / n_eval.clamp(min=1)
+    loss_reason = token_cross_entropy(logits, targets, reason_mask) / max(counts["reason"], 1)
+    loss_eval = token_cross_entropy(logits, targets, eval_mask) / max(counts["eval"], 1)
 
     loss_score = torch.zeros((), device=device)
     if score_head is not None and evaluation and cfg.lambda_score > 0:
@@ -180,9 +196,31 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
         regression = score_regression_reference if reference else score_regression_fused
         kwargs = {} if reference else {"compile": compile}
         loss_score = regression(logits, score_mask, score_head.ids, score_head.values, score_targets, **kwargs)
-        loss_score = loss_score / score_mask.sum().clamp(min=1)
+        loss_score = loss_score / max(counts["score"], 1)
 
     loss = loss_reason + cfg.lambda_eval * loss_eval + cfg.lambda_score * loss_score
     stats = {"sft_reason": loss_reason.item(), "sft_eval": loss_eval.item(), "sft_score": loss_score.item(),
-             "sft_tokens": int(n_reason + n_eval)}
+             "sft_tokens": int(reason_mask.sum() + eval_mask.sum())}
     return loss, stats
+
+
+def sft_backward(model, reasoning: list[Sequence], evaluation: list[EvalExample], score_head: ScoreHead | None,
+                 cfg: SFTConfig, pad_id: int, micro_batch_size: int = 0, scale: float = 1.0,
+                 compile: bool = True, autocast=None) -> dict:
+    """Run forward and backward of scale * L_sft in micro-batches of `micro_batch_size` rows (0: one pass);
+    the gradients accumulate in the parameters. The normalisers are counted over the whole batch
+    first, so the gradient does not depend on the split. Returns the step's statistics."""
+    counts = sft_counts(reasoning, evaluation)
+    items = [(True, r) for r in reasoning] + [(False, e) for e in evaluation]
+    size = micro_batch_size or len(items)
+    total = {"sft_loss": 0.0, "sft_reason": 0.0, "sft_eval": 0.0, "sft_score": 0.0, "sft_tokens": 0}
+    for start in range(0, len(items), size):
+        chunk = items[start:start + size]
+        with autocast or nullcontext():  # the forward pass only, not the backward
+            loss, stats = sft_loss(model, [x for is_r, x in chunk if is_r], [x for is_r, x in chunk if not is_r],
+                                   score_head, cfg, pad_id, compile=compile, counts=counts)
+        (scale * loss).backward()
+        total["sft_loss"] += loss.item()
+        for key, value in stats.items():
+            total[key] += value
+    return total

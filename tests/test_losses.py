@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pcl import losses
-from pcl.losses import (grpo_token_loss, score_regression_fused, score_regression_reference, token_cross_entropy,
-                        token_logprobs)
+from pcl.losses import (LOSS_AGGREGATIONS, aggregate, clipped_policy_loss, kl_penalty, loss_normaliser,
+                        score_regression_fused, score_regression_reference, token_cross_entropy, token_logprobs)
 
 CANDIDATE_IDS = torch.tensor([3, 4, 5])  # ids of the score tokens "0", "1", "2"
 CANDIDATE_VALUES = torch.tensor([0.0, 1.0, 2.0])
@@ -183,117 +183,197 @@ def test_score_hand_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# GRPO
+# GRPO: clipped policy loss and KL penalty
 
 
-def grpo(logprobs, old, advantages, mask=None, ref=None, clip_eps=0.2, kl_coef=0.0):
+def policy(logprobs, old, advantages, mask=None, clip_low=0.2, clip_high=0.2):
     logprobs = logprobs.clone().requires_grad_(True)
     if mask is None:
         mask = torch.ones_like(logprobs, dtype=torch.bool)
-    loss, stats = grpo_token_loss(logprobs, old, ref, advantages, mask, clip_eps, kl_coef)
+    loss, ratio, low, high = clipped_policy_loss(logprobs, old, advantages, mask, clip_low, clip_high)
     loss.sum().backward()
-    return loss.detach(), logprobs.grad, stats
+    return loss.detach(), logprobs.grad, ratio, low, high
 
 
-def test_grpo_on_policy():
+def test_policy_on_policy():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5]])
     advantages = torch.tensor([[0.5, -1.5, 2.0]])
-    loss, grad, stats = grpo(logprobs, logprobs.clone(), advantages)
+    loss, grad, ratio, low, high = policy(logprobs, logprobs.clone(), advantages)
     torch.testing.assert_close(loss, -advantages)
     torch.testing.assert_close(grad, -advantages)
-    assert stats["ratio"].item() == pytest.approx(3.0)
-    assert stats["clipped"].item() == 0.0
+    assert torch.equal(ratio, torch.ones(1, 3))
+    assert not low.any() and not high.any()
 
 
-def test_grpo_advantage_broadcast():
+def test_policy_advantage_broadcast():
     # one advantage per sequence (B, 1) applies to each of its tokens
     logprobs = torch.full((2, 3), -1.0)
-    advantages = torch.tensor([[1.0], [-2.0]])
-    loss, _, _ = grpo(logprobs, logprobs.clone(), advantages)
+    loss, _, _, _, _ = policy(logprobs, logprobs.clone(), torch.tensor([[1.0], [-2.0]]))
     assert loss.tolist() == [[-1.0, -1.0, -1.0], [2.0, 2.0, 2.0]]
 
 
-def test_grpo_clip_positive_advantage():
+def test_policy_clip_high_positive_advantage():
     logprobs = torch.tensor([[-1.0]])
-    old = logprobs - math.log(1.5)  # ratio 1.5
-    loss, grad, stats = grpo(logprobs, old, torch.tensor([[2.0]]), clip_eps=0.2)
+    old = logprobs - math.log(1.5)  # ratio 1.5 > 1 + 0.2
+    loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[2.0]]))
     assert loss.item() == pytest.approx(-1.2 * 2.0)
     assert grad.item() == 0.0
-    assert stats["clipped"].item() == 1.0
+    assert high.item() and not low.item()
 
 
-def test_grpo_clip_negative_advantage_not_clipped():
+def test_policy_clip_high_separate_bound():
+    # DAPO's clip-higher: with clip_high 0.6 a ratio of 1.5 is inside the range
+    logprobs = torch.tensor([[-1.0]])
+    old = logprobs - math.log(1.5)
+    loss, grad, _, _, high = policy(logprobs, old, torch.tensor([[2.0]]), clip_low=0.2, clip_high=0.6)
+    assert loss.item() == pytest.approx(-1.5 * 2.0)
+    assert grad.item() == pytest.approx(-1.5 * 2.0)
+    assert not high.item()
+
+
+def test_policy_negative_advantage_above_range_not_clipped():
     # the pessimistic bound keeps the unclipped 1.5 * A, so the gradient flows: -A * ratio
     logprobs = torch.tensor([[-1.0]])
     old = logprobs - math.log(1.5)
-    loss, grad, _ = grpo(logprobs, old, torch.tensor([[-1.0]]), clip_eps=0.2)
+    loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[-1.0]]))
     assert loss.item() == pytest.approx(1.5)
     assert grad.item() == pytest.approx(1.5)
+    assert not low.item() and not high.item()
 
 
-def test_grpo_clip_low_ratio_negative_advantage():
+def test_policy_clip_low_negative_advantage():
     logprobs = torch.tensor([[-1.0]])
-    old = logprobs - math.log(0.5)  # ratio 0.5, below 1 - eps
-    loss, grad, _ = grpo(logprobs, old, torch.tensor([[-1.0]]), clip_eps=0.2)
+    old = logprobs - math.log(0.5)  # ratio 0.5 < 1 - 0.2
+    loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[-1.0]]), clip_low=0.2, clip_high=0.6)
     assert loss.item() == pytest.approx(0.8)
     assert grad.item() == 0.0
-
-
-def test_grpo_kl_k3_value():
-    logprobs = torch.tensor([[-1.0]])
-    ref = torch.tensor([[-0.5]])  # log(ref / policy) = 0.5
-    kl = math.exp(0.5) - 0.5 - 1  # 0.148721...
-    loss, grad, stats = grpo(logprobs, logprobs.clone(), torch.tensor([[1.0]]), ref=ref, kl_coef=0.1)
-    assert stats["kl"].item() == pytest.approx(kl, abs=1e-6)
-    assert loss.item() == pytest.approx(-1.0 + 0.1 * kl, abs=1e-6)
-    # d kl / d logprobs = 1 - exp(ref - logprobs)
-    assert grad.item() == pytest.approx(-1.0 + 0.1 * (1 - math.exp(0.5)), abs=1e-6)
-
-
-def test_grpo_kl_nonnegative():
-    generator = torch.Generator().manual_seed(0)
-    logprobs = -torch.rand(4, 50, generator=generator) * 5
-    ref = -torch.rand(4, 50, generator=generator) * 5
-    zeros = torch.zeros(4, 50)
-    loss, _, stats = grpo(logprobs, logprobs.clone(), zeros, ref=ref, kl_coef=1.0)
-    assert (loss >= 0).all()
-    assert stats["kl"].item() > 0
-
-
-def test_grpo_kl_zero_at_reference():
-    logprobs = torch.tensor([[-1.0, -3.0]])
-    _, _, stats = grpo(logprobs, logprobs.clone(), torch.zeros(1, 2), ref=logprobs.clone(), kl_coef=1.0)
-    assert stats["kl"].item() == 0.0
-
-
-def test_grpo_kl_off_ignores_ref():
-    logprobs = torch.tensor([[-1.0]])
-    ref = torch.tensor([[float("nan")]])
-    loss, _, stats = grpo(logprobs, logprobs.clone(), torch.tensor([[1.0]]), ref=ref, kl_coef=0.0)
-    assert loss.item() == -1.0
-    assert stats["kl"].item() == 0.0
+    assert low.item() and not high.item()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_grpo_masked_nonfinite(bad):
+def test_policy_masked_nonfinite(bad):
     logprobs = torch.tensor([[-1.0, -2.0, -3.0]])
     old = torch.tensor([[-1.0, bad, bad]])
-    ref = torch.tensor([[-1.5, bad, bad]])
+    advantages = torch.tensor([[1.0, bad, 1.0]])
     mask = torch.tensor([[True, False, False]])
-    advantages = torch.tensor([[1.0, 1.0, 1.0]])
-    loss, grad, stats = grpo(logprobs, old, advantages, mask=mask, ref=ref, kl_coef=0.1)
-    assert loss[0, 1:].tolist() == [0.0, 0.0]
-    assert grad[0, 1:].tolist() == [0.0, 0.0]
-    assert torch.isfinite(loss).all()
-    assert torch.isfinite(grad).all()
-    for name, value in stats.items():
-        assert torch.isfinite(value), name
+    loss, grad, _, low, high = policy(logprobs, old, advantages, mask=mask)
+    assert loss.tolist() == [[-1.0, 0.0, 0.0]]
+    assert grad.tolist() == [[-1.0, 0.0, 0.0]]
+    assert not low.any() and not high.any()
 
 
-def test_grpo_masked_advantage_ignored():
-    logprobs = torch.tensor([[-1.0, -2.0]])
-    mask = torch.tensor([[True, False]])
-    loss, grad, stats = grpo(logprobs, logprobs.clone(), torch.tensor([[1.0, 5.0]]), mask=mask)
-    assert loss.tolist() == [[-1.0, 0.0]]
-    assert grad.tolist() == [[-1.0, 0.0]]
-    assert stats["ratio"].item() == 1.0
+def kl(logprobs, ref, estimator, mask=None):
+    logprobs = logprobs.clone().requires_grad_(True)
+    mask = torch.ones_like(logprobs, dtype=torch.bool) if mask is None else mask
+    value = kl_penalty(logprobs, ref, mask, estimator)
+    value.sum().backward()
+    return value.detach(), logprobs.grad
+
+
+def test_kl_k3_value_and_gradient():
+    logprobs, ref = torch.tensor([[-1.0]]), torch.tensor([[-0.5]])  # d = ref - logp = 0.5
+    value, grad = kl(logprobs, ref, "k3")
+    assert value.item() == pytest.approx(math.exp(0.5) - 0.5 - 1, abs=1e-6)  # 0.148721
+    assert grad.item() == pytest.approx(1 - math.exp(0.5), abs=1e-6)  # d k3 / d logp = 1 - exp(d)
+
+
+def test_kl_k1_value_and_gradient():
+    value, grad = kl(torch.tensor([[-1.0]]), torch.tensor([[-0.5]]), "k1")
+    assert value.item() == pytest.approx(-0.5)  # logp - ref: negative where the reference is likelier
+    assert grad.item() == 1.0
+
+
+def test_kl_k3_nonnegative_and_zero_at_reference():
+    generator = torch.Generator().manual_seed(0)
+    logprobs = -torch.rand(4, 50, generator=generator) * 5
+    ref = -torch.rand(4, 50, generator=generator) * 5
+    assert (kl(logprobs, ref, "k3")[0] >= 0).all()
+    assert kl(logprobs, logprobs.clone(), "k3")[0].abs().max() == 0
+
+
+def test_kl_estimators_are_unbiased():
+    # E_{x ~ p}[k] = KL(p || q) for both estimators, checked exactly on a 3-token distribution
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    exact = (p * (p / q).log()).sum()
+    for estimator in ("k1", "k3"):
+        values = kl_penalty(p.log()[None], q.log()[None], torch.ones(1, 3, dtype=torch.bool), estimator)
+        torch.testing.assert_close((p * values[0]).sum(), exact)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_kl_masked_nonfinite(bad):
+    value, grad = kl(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, bad]]), "k3",
+                     mask=torch.tensor([[True, False]]))
+    assert value[0, 1].item() == 0.0 and grad[0, 1].item() == 0.0
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_kl_unknown_estimator():
+    with pytest.raises(ValueError, match="k2"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), "k2")
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO: aggregation with a step normaliser
+
+# two sequences with 3 and 1 valid tokens; per-token values 1, 2, 3 and 10
+VALUES = torch.tensor([[1.0, 2.0, 3.0, 0.0], [10.0, 0.0, 0.0, 0.0]])
+MASK = torch.tensor([[True, True, True, False], [True, False, False, False]])
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token-mean", (1 + 2 + 3 + 10) / 4),  # 4.0
+    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 10 / 1) / 2),  # 6.0
+    ("seq-mean-token-sum-norm", (1 + 2 + 3 + 10) / (2 * 8)),  # 1.0 with max_new_tokens 8
+])
+def test_aggregate_by_hand(mode, expected):
+    normaliser = loss_normaliser([MASK], mode, max_new_tokens=8)
+    assert aggregate(VALUES, MASK, mode, normaliser).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", list(LOSS_AGGREGATIONS))
+def test_aggregate_split_and_padding_invariant(mode):
+    """The step loss summed over micro-batches equals the loss of the whole batch, whatever the
+    split and however much padding each micro-batch carries."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 3, 7, 2, 4]
+    values = torch.randn(len(lengths), 7, generator=generator)
+    mask = torch.arange(7)[None] < torch.tensor(lengths)[:, None]
+    whole = aggregate(values, mask, mode, loss_normaliser([mask], mode, 7))
+    for split in ([3, 3], [1, 2, 3], [1] * 6):
+        parts = torch.split(torch.arange(len(lengths)), split)
+        # each micro-batch is cut to its own longest row, then padded with 5 junk columns
+        chunks = []
+        for index in parts:
+            width = max(lengths[i] for i in index)
+            v = torch.cat([values[index, :width], torch.full((len(index), 5), float("nan"))], 1)
+            m = torch.cat([mask[index, :width], torch.zeros(len(index), 5, dtype=torch.bool)], 1)
+            chunks.append((v, m))
+        normaliser = loss_normaliser([m for _, m in chunks], mode, 7)
+        total = sum(aggregate(v, m, mode, normaliser) for v, m in chunks)
+        torch.testing.assert_close(total, whole)
+
+
+def test_token_mean_differs_from_per_batch_means():
+    # the bug this normaliser prevents: averaging each micro-batch by its own token count
+    per_batch = (aggregate(VALUES[:1], MASK[:1], "token-mean", 3) + aggregate(VALUES[1:], MASK[1:], "token-mean", 1)) / 2
+    assert per_batch.item() == pytest.approx(6.0)
+    assert aggregate(VALUES, MASK, "token-mean", loss_normaliser([MASK], "token-mean", 8)).item() == 4.0
+
+
+@pytest.mark.parametrize("mode", list(LOSS_AGGREGATIONS))
+def test_aggregate_nothing_valid_is_zero(mode):
+    values = torch.full((2, 3), float("nan"), requires_grad=True)
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    loss = aggregate(values, mask, mode, loss_normaliser([mask], mode, 3))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(values.grad, torch.zeros(2, 3))
+
+
+def test_normaliser_counts_only_rows_with_tokens():
+    mask = torch.tensor([[True, False], [False, False]])  # the second row was dropped (truncated)
+    assert loss_normaliser([mask], "seq-mean-token-mean", 2) == 1
+    assert loss_normaliser([mask], "seq-mean-token-sum-norm", 2) == 2
+    with pytest.raises(ValueError, match="token-sum"):
+        loss_normaliser([mask], "token-sum", 2)

@@ -635,3 +635,43 @@ def test_render_evaluation_scored_completion_consistent(accuracy, fmt):
     assert scores.accuracy == accuracy
     assert scores.format == fmt
     assert scores.consistency == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring never raises or hangs, whatever the model wrote
+
+
+GOOD_ANSWER = "<think>12 + 7 = 19.</think><answer>19</answer>"
+
+
+@pytest.mark.parametrize("prediction", ["abc", "nan", "1e999", "-3", ""])
+def test_unparseable_prediction_gives_none_and_zero_consistency(prediction):
+    scores = score("synthetic", f"{GOOD_ANSWER}{MARKER}<reward>{prediction}</reward>", "19", DEFAULT)
+    assert scores.predicted is None
+    assert scores.consistency == 0.0
+    assert (scores.accuracy, scores.format) == (1, 1)
+
+
+@pytest.mark.parametrize("text", [
+    "<think>" * 4000,  # 28,000 characters of one unbalanced tag
+    "7 + " * 5000,  # 20,000 characters of arithmetic, no tags
+    GOOD_ANSWER + MARKER + "<reward>" + "1" * 20000,  # an unclosed, very long prediction
+    "<answer>" + "1,000," * 3400 + "</answer>",  # a thousands-separator pattern that could backtrack
+])
+def test_long_repetitive_completion_scores_quickly(text):
+    import time
+    start = time.perf_counter()
+    scores = score("gsm8k", text, "19", DEFAULT)
+    assert time.perf_counter() - start < 1.0
+    assert scores.rl >= 0
+
+
+def test_scoring_works_off_the_main_thread():
+    # nothing in scoring relies on signals (a timeout via SIGALRM only works in the main thread)
+    import threading
+    results = []
+    thread = threading.Thread(target=lambda: results.append(score("synthetic", GOOD_ANSWER + MARKER + "<reward>2</reward>",
+                                                                  "19", DEFAULT)))
+    thread.start()
+    thread.join(timeout=10)
+    assert results and results[0].consistency == 1.0

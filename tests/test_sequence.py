@@ -50,6 +50,26 @@ def test_prompt_ids_no_bos(tok):
     assert prompt_ids(tok, "Ann has 12 apples.") == tok.encode("Ann has 12 apples.")
 
 
+@pytest.fixture(scope="module")
+def llama_like():
+    """A word-level tokenizer whose post-processor prepends <s>, as Llama's does."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, processors
+    tk = HFTokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hi": 3, "there": 4}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return Tokenizer(tk, "</s>")
+
+
+@pytest.mark.parametrize("prompt", ["hi there", "<s>hi there", "<s> hi"])
+def test_prompt_has_bos_once(llama_like, prompt):
+    ids = prompt_ids(llama_like, prompt)
+    assert llama_like.bos_id == 1
+    assert ids[0] == 1 and ids.count(1) == 1
+
+
 def test_reasoning_track(tok):
     prompt = prompt_ids(tok, "Ann has 12 apples.")
     completion = completion_text("12 + 7 = 19.", "19")

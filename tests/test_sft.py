@@ -7,8 +7,9 @@ from data import Row, format_prompt
 from model.config import ModelConfig
 from model.transformer import Transformer
 from pcl import rewards
-from pcl.sequence import EVALUATION_TRACK, Segment, collate, prompt_ids, reasoning_track, target_mask
-from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_loss
+from pcl.sequence import EVALUATION_TRACK, REASONING_TRACK, Segment, collate, prompt_ids, reasoning_track, target_mask
+from pcl.sft import (EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_backward,
+                     sft_counts, sft_loss)
 
 ROWS = [Row(question=f"Ann has {a} apples. She buys {b} more. How many apples does Ann have now?",
             answer=str(a + b), reasoning=f"{a} + {b} = {a + b}.", source=f"test:{a}") for a in range(3, 15)
@@ -163,3 +164,36 @@ def test_evaluation_completion_not_trained(tok, batch):
     assert not (mask & completion).any()
     loss, _ = sft_loss(model, [], evaluation, None, cfg, tok.pad_id, compile=False)
     assert torch.isfinite(loss)
+
+
+def test_counts_from_segments(tok, batch):
+    reasoning, evaluation = batch
+    counts = sft_counts(reasoning, evaluation)
+    reason_ids, reason_segments = collate(reasoning, tok.pad_id)
+    eval_ids, eval_segments = collate([e.sequence for e in evaluation], tok.pad_id)
+    assert counts["reason"] == target_mask(reason_segments, REASONING_TRACK).sum()
+    assert counts["eval"] == target_mask(eval_segments, EVALUATION_TRACK).sum()
+    assert counts["score"] == len(evaluation)  # every evaluation row has one score
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 3, 5])
+def test_gradient_independent_of_micro_batches(tok, batch, micro_batch_size):
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+    model.init_weights(seed=0)
+    head = ScoreHead(tok, WEIGHTS, "cpu")
+
+    def grads(size):
+        model.zero_grad(set_to_none=True)
+        stats = sft_backward(model, *batch, head, SFTConfig(), tok.pad_id, size, scale=0.5, compile=False)
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), stats
+
+    whole, whole_stats = grads(0)
+    split, split_stats = grads(micro_batch_size)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+    for key in ("sft_loss", "sft_reason", "sft_eval", "sft_score", "sft_tokens"):
+        assert split_stats[key] == pytest.approx(whole_stats[key], abs=1e-6), key
+    # the whole batch in one pass is the plain sft_loss, scaled
+    model.zero_grad(set_to_none=True)
+    loss, _ = sft_loss(model, *batch, head, SFTConfig(), tok.pad_id, compile=False)
+    (0.5 * loss).backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in model.parameters()]), whole)

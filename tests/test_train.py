@@ -1,6 +1,7 @@
 """End-to-end: train.py runs every phase for a few steps on a tiny config and writes its outputs."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,15 @@ TINY = ["--preset", "tiny", "--warmup-steps", "3", "--steps", "2", "--eval-examp
         "--no-compile", "--log-every", "1"]
 SUMMARY_KEYS = ["accuracy", "format_rate", "reward_prediction_accuracy", "tokens_per_answer", "eval_examples",
                 "wall_seconds"]
+
+
+# every per-step statistic a hybrid step logs in metrics.jsonl
+HYBRID_METRICS = [
+    "reward", "reward_std", "reward_accuracy", "reward_accuracy_std", "reward_format", "reward_format_std",
+    "reward_consistency", "reward_consistency_std", "reward_unparseable", "reward_missing", "groups_all_equal",
+    "completion_length", "completion_length_min", "completion_length_max", "truncated", "grpo_kl",
+    "grpo_clip_low", "grpo_clip_high", "grpo_entropy", "grpo_policy_loss", "grpo_loss", "grpo_ratio",
+    "grpo_sampler_logprob_error", "sft_reason", "sft_eval", "sft_score", "grad_norm", "lr", "tokens_per_s", "loss"]
 
 
 def run(tmp_path, *extra):
@@ -52,8 +62,7 @@ def test_rl_phase_reports_warmup(tmp_path, caplog):
 def test_hybrid_logs_rl_metrics(tmp_path):
     out = run(tmp_path, "--phase", "hybrid")
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ["reward", "reward_accuracy", "reward_format", "reward_consistency", "grpo_kl", "sft_reason",
-                "sft_eval", "sft_score", "groups_all_equal", "completion_length"]:
+    for key in HYBRID_METRICS:
         assert key in last, key
     track = json.loads((out / "summary.json").read_text())["evaluation_track"]
     assert track["added_samples"] == 4  # one refresh of 2 answers in the warm-up, one in the hybrid steps
@@ -114,3 +123,28 @@ def test_same_seed_same_losses(tmp_path):
     assert losses[0] == losses[1]
     torch.testing.assert_close(load_pretrained(first / "model").lm_head.weight,
                                load_pretrained(second / "model").lm_head.weight)
+
+
+def test_grpo_settings_logged_and_used(tmp_path):
+    out = run(tmp_path, "--phase", "rl", "--inner-steps", "2", "--micro-batch-size", "3", "--clip-low", "0.1",
+              "--clip-high", "0.3", "--kl-estimator", "k1", "--no-kl-on-flat-groups", "--loss-agg",
+              "seq-mean-token-sum-norm", "--mask-truncated", "--no-scale-rewards", "--split-advantage")
+    config = json.loads((out / "run_config.json").read_text())
+    assert (config["inner_steps"], config["micro_batch_size"], config["clip_low"], config["clip_high"]) == (2, 3, 0.1, 0.3)
+    assert (config["kl_estimator"], config["kl_on_flat_groups"], config["loss_agg"]) == ("k1", False, "seq-mean-token-sum-norm")
+    assert config["mask_truncated"] and not config["scale_rewards"] and config["split_advantage"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--clip-low", "1.0"], "--clip-low must be below 1"),
+    (["--clip-high", "0"], "--clip-high must be positive"),
+    (["--inner-steps", "0"], "--inner-steps must be at least 1"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size must be at least 0"),
+    (["--loss-agg", "mean"], "invalid choice"),
+])
+def test_rejects_bad_grpo_settings(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--phase", "rl", *flags)
+    assert message in capsys.readouterr().err
