@@ -5,13 +5,15 @@
 writes starts right after the prompt with "<think>".
 
 The real datasets are read from local files under `data_dir`. Bad input raises
-`DataError`, whose message names the file, the line or record index, and the field.
+`DataError`, whose message names the file, the line or record index, and the field. With
+`on_bad_row`, an invalid row is passed to that callback and skipped instead.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,10 @@ class Row:
 
 class DataError(ValueError):
     """Invalid or missing dataset input. The message names the place and the fix."""
+
+
+# Called with the error of each invalid row, which the loader then skips.
+BadRowHandler = Callable[[DataError], None]
 
 
 DATASETS = ("synthetic", "gsm8k", "strategyqa", "mathqa")
@@ -75,6 +81,7 @@ def load_rows(
     data_dir: str | Path | None = None,
     limit: int | None = None,
     seed: int = 0,
+    on_bad_row: BadRowHandler | None = None,
 ) -> list[Row]:
     """Load the rows of one dataset split.
 
@@ -83,6 +90,11 @@ def load_rows(
     first `limit` rows, taken after the dataset's own deterministic train/test split.
     For "synthetic", `limit` is the number of rows to generate (default: 20000 train,
     200 test). `seed` affects only the synthetic task.
+
+    An invalid row raises DataError. With `on_bad_row`, each invalid row's error is passed
+    to it instead and the row is skipped. Errors that concern a whole file (missing, not
+    valid UTF-8, not a JSON array, empty) raise either way, and so does a split left
+    without rows.
     """
     check_dataset_name(name)
     if split not in SPLITS:
@@ -106,7 +118,19 @@ def load_rows(
             f"--data-dir {directory}: directory not found; it must be the folder "
             f"that contains {module.FILES[split]}"
         )
-    rows = module.load(split, directory)
+    skipped: list[DataError] = []
+
+    def skip(error: DataError):
+        skipped.append(error)
+        on_bad_row(error)
+
+    rows = module.load(split, directory, skip if on_bad_row else None)
+    if not rows:
+        after = f" after skipping {len(skipped)} invalid rows" if skipped else ""
+        raise DataError(
+            f"{directory / module.FILES[split]}: no rows for split {split!r}{after}; "
+            "fix the file or pass another --data-dir"
+        )
     return rows if limit is None else rows[:limit]
 
 
@@ -132,6 +156,13 @@ def check_dataset_name(name: str) -> str:
 
 
 # Helpers shared by the file loaders in this package.
+
+
+def _skip_or_raise(error: DataError, on_bad_row: BadRowHandler | None):
+    """Raise `error`, or hand it to `on_bad_row` so that the caller skips the row."""
+    if on_bad_row is None:
+        raise error
+    on_bad_row(error)
 
 
 def _read_text(path: Path, expected: str) -> str:

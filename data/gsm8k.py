@@ -14,7 +14,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import DataError, Row, _read_text, _require_object, _require_string, _require_text
+from . import (
+    BadRowHandler,
+    DataError,
+    Row,
+    _read_text,
+    _require_object,
+    _require_string,
+    _require_text,
+    _skip_or_raise,
+)
 
 FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 FINAL_ANSWER_MARKER = "####"
@@ -22,28 +31,37 @@ _CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 _EXPECTED = 'JSON Lines, one {"question": ..., "answer": ...} object per line'
 
 
-def load(split: str, data_dir: Path) -> list[Row]:
-    """Load all rows of `split` from `data_dir / FILES[split]`, in file order."""
+def load(split: str, data_dir: Path, on_bad_row: BadRowHandler | None = None) -> list[Row]:
+    """Load all rows of `split` from `data_dir / FILES[split]`, in file order.
+
+    An invalid line raises DataError, or with `on_bad_row` is passed to it and skipped.
+    """
     path = Path(data_dir) / FILES[split]
     text = _read_text(path, _EXPECTED)
 
     rows = []
+    seen_line = False
     # Split on "\n" only: str.splitlines() would also split at U+2028 and other
     # separators that JSON allows unescaped inside strings.
     for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        seen_line = True
         source = f"{path}:{line_number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(
+            _skip_or_raise(DataError(
                 f"{source}: invalid JSON at column {error.colno}: {error.msg}; "
-                f"expected {_EXPECTED}"
-            ) from None
-        rows.append(parse_record(record, source))
+                f"fix or remove this line (expected {_EXPECTED})"
+            ), on_bad_row)
+            continue
+        try:
+            rows.append(parse_record(record, source))
+        except DataError as error:
+            _skip_or_raise(error, on_bad_row)
 
-    if not rows:
+    if not seen_line:
         raise DataError(f"{path}: file is empty; expected {_EXPECTED}")
     return rows
 

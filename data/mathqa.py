@@ -21,7 +21,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import DataError, Row, _read_json_array, _require_field, _require_object, _require_text
+from . import (
+    BadRowHandler,
+    DataError,
+    Row,
+    _read_json_array,
+    _require_field,
+    _require_object,
+    _require_text,
+    _skip_or_raise,
+)
 
 FILES = {"train": "dev.json", "test": "test.json"}
 OPTION_LETTERS = "abcde"
@@ -33,11 +42,20 @@ _LABELLED_ITEM = re.compile(r"\s*([a-e])\s*\)\s*(.*)", re.DOTALL)
 _REPEATED_LABEL = re.compile(r"^[a-e]\s*\)\s*")
 
 
-def load(split: str, data_dir: Path) -> list[Row]:
-    """Load all rows of `split` from `data_dir / FILES[split]`, in file order."""
+def load(split: str, data_dir: Path, on_bad_row: BadRowHandler | None = None) -> list[Row]:
+    """Load all rows of `split` from `data_dir / FILES[split]`, in file order.
+
+    An invalid record raises DataError, or with `on_bad_row` is passed to it and skipped.
+    """
     path = Path(data_dir) / FILES[split]
     records = _read_json_array(path, _EXPECTED)
-    return [parse_record(record, f"{path}[{index}]") for index, record in enumerate(records)]
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(parse_record(record, f"{path}[{index}]"))
+        except DataError as error:
+            _skip_or_raise(error, on_bad_row)
+    return rows
 
 
 def parse_record(record: Any, source: str) -> Row:

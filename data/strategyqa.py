@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (
+    BadRowHandler,
     DataError,
     Row,
     _json_type,
@@ -24,6 +25,7 @@ from . import (
     _require_field,
     _require_object,
     _require_text,
+    _skip_or_raise,
 )
 
 FILENAME = "strategyQA_train.json"
@@ -32,17 +34,23 @@ TEST_MODULUS = 5
 _EXPECTED = "a JSON array of StrategyQA records (qid, question, answer, facts)"
 
 
-def load(split: str, data_dir: Path) -> list[Row]:
+def load(split: str, data_dir: Path, on_bad_row: BadRowHandler | None = None) -> list[Row]:
     """Load the rows of `split` from `data_dir / FILENAME`, in file order.
 
-    Every record is checked, including those of the other split.
+    Every record is checked, including those of the other split. An invalid record raises
+    DataError, or with `on_bad_row` is passed to it and skipped, so loading both splits
+    reports each invalid record twice.
     """
     path = Path(data_dir) / FILENAME
     records = _read_json_array(path, _EXPECTED)
 
     rows = []
     for index, record in enumerate(records):
-        qid, row = parse_record(record, f"{path}[{index}]")
+        try:
+            qid, row = parse_record(record, f"{path}[{index}]")
+        except DataError as error:
+            _skip_or_raise(error, on_bad_row)
+            continue
         if split_for_qid(qid) == split:
             rows.append(row)
     return rows

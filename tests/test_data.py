@@ -623,3 +623,55 @@ def test_real_mathqa_options():
             assert list(row.options) == list("abcde"), f"{row.source}: {row.options}"
             for text in row.options.values():
                 assert not re.match(r"[a-e] \)", text), f"{row.source}: label left in {text!r}"
+
+
+# Skipping invalid rows with on_bad_row
+
+
+def test_gsm8k_skips_bad_lines(tmp_path):
+    bad_json = '{"question": "q", "answer": '
+    no_marker = json.dumps({"question": "q", "answer": "x = 1"})
+    (tmp_path / "train.jsonl").write_text(
+        f"{GOOD_GSM8K_LINE}\n{bad_json}\n{GOOD_GSM8K_LINE}\n{no_marker}\n", encoding="utf-8"
+    )
+    errors = []
+    rows = load_rows("gsm8k", "train", data_dir=tmp_path, on_bad_row=errors.append)
+    assert [row.source.rsplit(":", 1)[1] for row in rows] == ["1", "3"]
+    assert len(errors) == 2
+    assert "train.jsonl:2:" in str(errors[0])
+    assert "train.jsonl:4:" in str(errors[1])
+
+
+def test_mathqa_skips_bad_records(tmp_path):
+    records = [_mathqa_record(), _mathqa_record(correct="e", options="a ) 3 , b ) 4"), _mathqa_record()]
+    (tmp_path / "test.json").write_text(json.dumps(records), encoding="utf-8")
+    errors = []
+    rows = load_rows("mathqa", "test", data_dir=tmp_path, on_bad_row=errors.append)
+    assert [row.source.rsplit("[", 1)[1] for row in rows] == ["0]", "2]"]
+    assert len(errors) == 1
+    assert "test.json[1]" in str(errors[0])
+
+
+def test_strategyqa_skips_bad_records(tmp_path):
+    records = json.loads((FIXTURES / "strategyqa" / "strategyQA_train.json").read_text())
+    records.insert(1, _strategyqa_record(answer="yes"))
+    (tmp_path / "strategyQA_train.json").write_text(json.dumps(records), encoding="utf-8")
+    errors = []
+    rows = load_rows("strategyqa", "train", data_dir=tmp_path, on_bad_row=errors.append)
+    assert len(rows) == 4
+    assert len(errors) == 1
+    assert "strategyQA_train.json[1]" in str(errors[0])
+
+
+def test_skipping_every_row_raises(tmp_path):
+    (tmp_path / "train.jsonl").write_text("[1]\nnot json\n", encoding="utf-8")
+    errors = []
+    with pytest.raises(DataError) as raised:
+        load_rows("gsm8k", "train", data_dir=tmp_path, on_bad_row=errors.append)
+    assert "no rows for split 'train' after skipping 2 invalid rows" in str(raised.value)
+    assert len(errors) == 2
+
+
+def test_file_errors_raise_when_skipping(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_rows("gsm8k", "train", data_dir=tmp_path, on_bad_row=lambda error: None)
