@@ -57,7 +57,8 @@ def load_state_dict(folder: str | Path, device="cpu") -> dict[str, torch.Tensor]
         try:
             state.update(load_file(path, device=str(device)))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors") from e
+            raise ValueError(f"{path}: cannot read weights ({e}); the file is truncated or not safetensors, "
+                             "so copy or export the model again") from e
     return state
 
 

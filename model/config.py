@@ -76,8 +76,15 @@ class ModelConfig:
                 path = path / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: config.json not found; --init must be an HF model folder")
-            with open(path) as f:
-                hf, where = json.load(f), str(path)
+            where = str(path)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    hf = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e}); restore the model's config.json") from None
+            if not isinstance(hf, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(hf).__name__}; "
+                                 "restore the model's config.json")
         architectures = hf.pop("architectures", None) or ["LlamaForCausalLM"]
         architecture = architectures[0]
         if architecture not in ARCHITECTURES:
@@ -89,6 +96,7 @@ class ModelConfig:
         rope_parameters = hf.pop("rope_parameters", None)
         known = {f.name for f in fields(cls)} - {"architecture", "extra"}
         kwargs = {k: hf.pop(k) for k in list(hf) if k in known}
+        check_field_types(kwargs, where)
         kwargs.update(rope_fields(kwargs, rope_parameters, where))
         family = ARCHITECTURES[architecture]
         kwargs.setdefault("attention_bias", family["attention_bias"])
@@ -131,6 +139,20 @@ class ModelConfig:
         block = attention + 3 * D * F + 2 * D + 2 * Dh * self.qk_norm
         embeddings = self.vocab_size * D * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * block + embeddings + D
+
+
+def check_field_types(values: dict, where: str):
+    """Raise ValueError naming the field when a number field of config.json has a value of another type."""
+    for f in fields(ModelConfig):
+        if f.name not in values or f.type not in (int, float):
+            continue
+        value = values[f.name]
+        if value is None and f.name == "num_key_value_heads":
+            continue  # null: one key/value head per query head, resolved by from_hf
+        allowed = (int,) if f.type is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise ValueError(f"{where}: field {f.name!r} must be {'an integer' if f.type is int else 'a number'}, "
+                             f"got {value!r}; fix config.json")
 
 
 def check_supported(hf: dict, where: str):
