@@ -124,6 +124,20 @@ class EvaluationTrack:
         half = n // 2
         return [rng.choice(right) for _ in range(n - half)] + [rng.choice(wrong) for _ in range(half)]
 
+    def state_dict(self) -> dict:
+        """Return the pool and the counters as JSON-serialisable values, for checkpoints."""
+        pool = [{"input_ids": e.sequence.input_ids, "segment_ids": e.sequence.segment_ids, "reward": e.reward,
+                 "correct": e.correct} for e in self.pool]
+        return {"pool": pool, "added": dict(self.added)}
+
+    def load_state_dict(self, state: dict):
+        """Replace the pool and the counters with those of state_dict()."""
+        self.pool.clear()
+        for e in state["pool"]:
+            self.pool.append(EvalExample(Sequence(list(e["input_ids"]), list(e["segment_ids"])), e["reward"],
+                                         bool(e["correct"])))
+        self.added = dict(state["added"])
+
     def stats(self) -> dict:
         right = sum(e.correct for e in self.pool)
         return {"pool_right": right, "pool_wrong": len(self.pool) - right,

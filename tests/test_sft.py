@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -91,6 +92,17 @@ def test_pool_keeps_newest(tok):
         track.add(row, prompt, tok.encode(gold_completion(row)))
     assert len(track.pool) == 3
     assert gold_completion(ROWS[4]) in tok.decode(track.pool[-1].sequence.input_ids)
+
+
+def test_state_dict_round_trip(tok):
+    track = EvaluationTrack(tok, "synthetic", WEIGHTS, pool_size=20)
+    track.cold_start(ROWS, random.Random(0))
+    state = json.loads(json.dumps(track.state_dict()))  # as a checkpoint stores it
+    restored = EvaluationTrack(tok, "synthetic", WEIGHTS, pool_size=20)
+    restored.load_state_dict(state)
+    assert restored.pool == track.pool
+    assert restored.stats() == track.stats()
+    assert restored.sample(8, random.Random(5)) == track.sample(8, random.Random(5))
 
 
 def test_evaluation_track_targets_follow_marker(tok):
