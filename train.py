@@ -3,31 +3,40 @@
     python train.py --phase hybrid                  # synthetic task, small model created here
     python train.py --phase sft --data gsm8k --data-dir ../shared/data/gsm8k --init MODEL_DIR
 
+    python train.py --resume --out runs/default      # continue a stopped run from its last checkpoint
+
 Without --init the model starts from random weights, so the rl and hybrid phases first run
 --warmup-steps dual-track SFT steps: GRPO needs a policy that already writes the format.
 Outputs in --out: run_config.json, metrics.jsonl (one JSON object per step), summary.json,
-eval_samples.jsonl, the tokenizer, and the final model in model/ (HF layout).
+eval_samples.jsonl, the tokenizer, the final model in model/ (HF layout), and checkpoints/
+(see train_state.py). SIGINT or SIGTERM stops the run after the current step and a checkpoint.
 """
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 import tomllib
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, DataError, Row, format_prompt, load_rows
+from data import DATASETS, DataError, Row, RowError, format_prompt, load_rows
 from eval.evaluate import evaluate
-from model.checkpoint import load_pretrained, save_pretrained, write_json
+from model.checkpoint import atomic_write, check_tokenizer_fits, load_pretrained, save_pretrained, write_json
 from model.config import PRESETS, ModelConfig
 from model.generate import generate
 from model.tokenizer import Tokenizer, train_tokenizer
@@ -37,6 +46,8 @@ from pcl.grpo import GRPOConfig, collect_rollouts, grpo_backward, micro_batches,
 from pcl.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from pcl.sequence import prompt_ids, reasoning_track
 from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_backward
+from train_state import (STATE_FORMAT, Checkpoint, CheckpointError, CheckpointStore, load_optimizer_state,
+                         optimizer_state, rng_state, set_rng_state)
 
 log = logging.getLogger("train")
 
@@ -50,6 +61,13 @@ DATASET_DEFAULTS = {
     "strategyqa": dict(warmup_steps=100, max_new_tokens=256),
     "mathqa": dict(warmup_steps=100, max_new_tokens=320),
 }
+
+# Options that may differ between a run and its resumption. None changes what a step computes:
+# where the run lives, how often it logs and saves, how many checkpoints it keeps, and after how
+# many non-finite updates it gives up. The device is here too, so that a run stopped on one
+# machine can go on on another. A different device type computes the same steps with different
+# rounding, so resuming on one logs a warning that the results are no longer bit-identical.
+RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep", "max_bad_steps", "device"}
 
 # ---------------------------------------------------------------------------------------------
 # command line
@@ -80,6 +98,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                      help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its newest usable checkpoint; options not given take "
+                          "the values in its run_config.json, and a given option that changes the results must "
+                          "match it")
+    run.add_argument("--save-every", type=int, default=200,
+                     help="optimizer steps between checkpoints in OUT/checkpoints, which also get one at the end of "
+                          "each stage and on SIGINT or SIGTERM (0: only those); a checkpoint due right after a "
+                          "skipped non-finite update is left out")
+    run.add_argument("--keep", type=int, default=3, help="newest checkpoints kept")
+    run.add_argument("--max-bad-steps", type=int, default=10,
+                     help="stop the run with an error after this many optimizer updates in a row whose loss or "
+                          "gradient norm is not finite (each of them is skipped)")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default="synthetic", help="dataset")
@@ -87,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--train-examples", type=int, help="use only the first N training rows")
     data.add_argument("--eval-examples", type=int, default=200, help="held-out rows evaluated at the end")
     data.add_argument("--eval-batch-size", type=int, default=100, help="rows generated together at evaluation")
+    data.add_argument("--skip-bad-rows", action="store_true",
+                      help="skip invalid dataset rows, log the first ones, and report their count in summary.json "
+                           "(default: stop at the first invalid row)")
 
     model = p.add_argument_group("model")
     model.add_argument("--init", help="HF model folder to start from (config.json, safetensors, tokenizer.json)")
@@ -180,7 +213,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config:
         # the file's options are parsed as flags placed before the command line's, so they get the
         # same type and choice checks, and the command line wins
-        args = p.parse_args(config_file_flags(p, args.config) + argv)
+        argv = config_file_flags(p, args.config) + argv
+        args = p.parse_args(argv)
+    if args.resume:
+        args = resumed_options(p, args, argv)
     for key, value in DATASET_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -215,12 +251,54 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
     return flags
 
 
+def resumed_options(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Return the options of the run in --out (its run_config.json) with those that `argv` sets on top.
+
+    Rejects an option in `argv` that changes the results and differs from the run's.
+    """
+    path = Path(args.out) / "run_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        p.error(f"--resume: {path} not found, so --out {args.out} contains no run to resume; "
+                "start the run without --resume")
+    except (OSError, ValueError) as e:
+        p.error(f"--resume: cannot read {path} ({e}); start a new run in another --out")
+    if not isinstance(saved, dict):
+        p.error(f"--resume: {path} is not a JSON object; start a new run in another --out")
+    explicit = explicit_options(p, argv)
+    differences = option_differences(saved, explicit)
+    if differences:
+        p.error(f"--resume: {'; '.join(differences)}. These options change the results, so leave them out to "
+                "continue the run with its own values, or start a new run in another --out")
+    current = vars(args)
+    return argparse.Namespace(**{**current, **{k: v for k, v in saved.items() if k in current}, **explicit})
+
+
+def explicit_options(p: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """Return the options that `argv` sets, leaving out those that take their default."""
+    defaults = {action: action.default for action in p._actions}
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return vars(p.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
+def option_differences(run: dict, now: dict) -> list[str]:
+    """Describe each option outside RESUME_MAY_CHANGE whose value in `now` differs from `run`."""
+    return [f"--{key.replace('_', '-')} is {now[key]!r} but the run used {run[key]!r}"
+            for key in sorted(run.keys() & now.keys()) if key not in RESUME_MAY_CHANGE and run[key] != now[key]]
+
+
 def check_args(p: argparse.ArgumentParser, args):
     at_least = {"steps": 1, "batch_size": 1, "eval_track_batch_size": 0, "pool_size": 1, "cold_start_examples": 0,
                 "sample_every": 0, "eval_track_samples": 1, "prompts_per_step": 1, "max_new_tokens": 1,
                 "max_evaluation_tokens": 1, "eval_examples": 1, "eval_batch_size": 1, "log_every": 1,
                 "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300, "inner_steps": 1,
-                "micro_batch_size": 0}
+                "micro_batch_size": 0, "save_every": 0, "keep": 1, "max_bad_steps": 1}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:
@@ -286,8 +364,15 @@ def tokenizer_texts(task: str, rows: list[Row], weights: rewards.RewardWeights) 
 
 def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transformer]:
     if args.init:
-        tok = Tokenizer.from_folder(args.init)
         model = load_pretrained(args.init, dtype=torch.float32)
+        tok = Tokenizer.from_folder(args.init)
+        rows = model.model.embed_tokens.weight.shape[0]
+        added = set(tok.added_ids)
+        largest = max(i for i in tok.tk.get_vocab(with_added_tokens=True).values() if i not in added)
+        if largest >= rows:
+            raise ValueError(f"--init {args.init}: tokenizer.json has ids up to {largest} but the model's embedding "
+                             f"matrix has {rows} rows, so the tokenizer does not belong to this model; put the "
+                             "model's own tokenizer.json in the folder")
         if tok.added_ids:
             known = min(tok.added_ids)  # the ids below were trained with the model
             if tok.vocab_size > model.config.vocab_size:
@@ -298,6 +383,7 @@ def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transf
                 for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
                     weight[tok.added_ids] = weight[:known].mean(0)
             log.info("added %d PCL tokens to the tokenizer of %s", len(tok.added_ids), args.init)
+        check_tokenizer_fits(model, tok)
         return tok, model
 
     # from scratch: a tokenizer trained on this task at first use and cached in the run directory
@@ -336,6 +422,14 @@ class RowSampler:
         random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.epoch = state["epoch"]
+        self.order = self._shuffled()
+        self.position = state["position"]
+
     def next(self, n: int) -> list[Row]:
         batch = []
         while len(batch) < n:
@@ -355,12 +449,86 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def rows_sha256(*splits: list[Row]) -> str:
+    """Return a SHA-256 of the rows' text, which a resume compares to detect a changed dataset."""
+    digest = hashlib.sha256()
+    for rows in splits:
+        for row in rows:
+            digest.update(json.dumps([row.question, row.answer, row.reasoning, row.options]).encode() + b"\n")
+        digest.update(b"\0")  # end of a split
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
 
+@dataclass
+class Stage:
+    phase: str  # "sft", "rl" or "hybrid"
+    steps: int
+    peak_lr: float
+    warmup: bool = False  # the SFT warm-up before rl or hybrid from scratch, evaluated when it ends
+
+
+def plan_stages(args) -> list[Stage]:
+    """Return the run's stages: without --init, rl and hybrid start with an SFT warm-up."""
+    stages = []
+    if args.phase in ("rl", "hybrid") and not args.init and args.warmup_steps > 0:
+        stages.append(Stage("sft", args.warmup_steps, args.warmup_lr, warmup=True))
+    stages.append(Stage(args.phase, args.steps, args.lr))
+    return stages
+
+
+class TrainingError(Exception):
+    """An error that ends the run; the message gives the reason and the fix."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turn the first SIGINT or SIGTERM into a stop request that the training loop reads after each
+    step. A second signal stops the process at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        log.warning("received %s: stopping after the current step and a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+
 class Trainer:
-    def __init__(self, args, tok, model, score_head, train_rows, test_rows, weights, device, out: Path):
+    """The training loop of one run: its stages, steps, metrics lines and checkpoints.
+
+    The position in the run is (stage_index, stage_step): the stage and the steps done in it.
+    restore() sets it, and every other piece of state, from a checkpoint.
+    """
+
+    def __init__(self, args, tok, model, score_head, train_rows, test_rows, weights, device, out: Path,
+                 checkpoints: CheckpointStore):
         self.args, self.tok, self.model, self.device, self.out = args, tok, model, device, out
         self.train_rows, self.test_rows, self.weights = train_rows, test_rows, weights
         self.rng = random.Random(args.seed)
@@ -379,9 +547,17 @@ class Trainer:
         self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                          else nullcontext())
-        self.ref_model = None
+        self.checkpoints = checkpoints
+        self.data_sha256 = rows_sha256(train_rows, test_rows)
         self.step = 0  # optimizer steps over all stages
-        self.metrics_file = open(out / "metrics.jsonl", "a")
+        self.stage_index, self.stage_step = 0, 0
+        self.optimizer = None  # a fresh AdamW per stage
+        self.ref_model, self.reference_step = None, None  # reference_step: when ref_model was copied
+        self.summary = {}  # metrics to report in summary.json, such as after_sft_warmup
+        self.skipped_updates = 0  # optimizer updates skipped for a non-finite loss or gradient norm
+        self.bad_in_a_row = 0  # of them, those since the last good update
+        self.saved_folder = None  # the newest checkpoint
+        self.metrics_file = None  # metrics.jsonl, open for appending while run() runs
 
     # one step of each kind -------------------------------------------------------------------
 
@@ -421,16 +597,29 @@ class Trainer:
             completion = completion[:-1]
         self.eval_track.add(row, prompt, completion)
 
-    def update(self, optimizer, backward) -> dict:
+    def update(self, backward) -> dict:
         """One optimizer update: zero the gradients, run `backward` (which accumulates them and returns
-        statistics), clip and step."""
-        optimizer.zero_grad(set_to_none=True)
+        statistics), clip and step. An update whose loss or gradient norm is not finite is skipped,
+        so it changes neither the weights nor the optimizer state."""
+        self.optimizer.zero_grad(set_to_none=True)
         stats = backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf"))
-        optimizer.step()
-        return {**stats, "grad_norm": grad_norm.item()}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf")).item()
+        losses = {key: stats[key] for key in ("sft_loss", "grpo_loss") if key in stats}
+        if math.isfinite(grad_norm) and all(math.isfinite(v) for v in losses.values()):
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+            return {**stats, "grad_norm": grad_norm, "skipped_updates": 0}
 
-    def rl_step(self, optimizer, with_sft: bool) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_updates += 1
+        self.bad_in_a_row += 1
+        values = ", ".join(f"{key} {value}" for key, value in {**losses, "gradient norm": grad_norm}.items())
+        log.warning("step %d: non-finite loss or gradient norm (%s), optimizer update skipped; %d in a row, %d in "
+                    "this run (the run stops at --max-bad-steps %d in a row)", self.step + 1, values,
+                    self.bad_in_a_row, self.skipped_updates, self.args.max_bad_steps)
+        return {**stats, "grad_norm": grad_norm, "skipped_updates": 1}
+
+    def rl_step(self, with_sft: bool) -> dict:
         """Sample a batch of rollouts, then run cfg.inner_steps optimizer updates on it (each with a
         fresh SFT batch in hybrid). Returns the rollout statistics and the updates' mean statistics."""
         cfg = self.grpo_cfg
@@ -452,50 +641,164 @@ class Trainer:
                 stats.update(sft)
             return stats
 
-        updates = [self.update(optimizer, backward) for _ in range(cfg.inner_steps)]
+        updates = [self.update(backward) for _ in range(cfg.inner_steps)]
         stats = {key: sum(u[key] for u in updates) / len(updates) for key in updates[0]}
         # only the first update compares the sampler's log-probs with the training forward's
         stats["grpo_sampler_logprob_error"] = updates[0]["grpo_sampler_logprob_error"]
         stats["tokens"] = sum(u["tokens"] for u in updates)
+        stats["skipped_updates"] = sum(u["skipped_updates"] for u in updates)
         stats.update(rollout_stats(rollouts, cfg.group_size, cfg.mask_truncated))
         return stats
 
     # stages -------------------------------------------------------------------------------------
 
-    def run_stage(self, phase: str, steps: int, peak_lr: float):
-        args = self.args
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=peak_lr, weight_decay=args.weight_decay,
-                                      betas=(0.9, 0.95))
-        if phase in ("rl", "hybrid") and args.kl_coef > 0:
+    def run(self, stages: list[Stage], stop: StopSignals):
+        """Run the stages from the current position to the end, evaluating after the SFT warm-up.
+
+        Raises Interrupted after a stop request and TrainingError after --max-bad-steps non-finite
+        updates in a row.
+        """
+        first = self.stage_index
+        with open(self.out / "metrics.jsonl", "a") as self.metrics_file:
+            for index in range(first, len(stages)):
+                stage = stages[index]
+                if index != first or self.stage_step == 0:  # else a checkpoint resumed this stage
+                    if index != first and stop.signum is not None:
+                        raise Interrupted(stop.signum)  # the previous stage's last checkpoint is saved
+                    self.start_stage(index, stage)
+                self.run_steps(stage, last=index == len(stages) - 1, stop=stop)
+                self.optimizer = self.ref_model = None
+                if stage.warmup:
+                    metrics, _ = self.evaluate()
+                    self.summary["after_sft_warmup"] = metrics
+                    log.info("after SFT warm-up: %s", json.dumps(metrics))
+
+    def start_stage(self, index: int, stage: Stage):
+        if stage.warmup:
+            log.info("no --init: running %d dual-track SFT steps before %s, so the policy writes the format",
+                     stage.steps, self.args.phase)
+        self.stage_index, self.stage_step = index, 0
+        self.optimizer = self.new_optimizer(stage)
+        if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.reference_step = self.step
+
+    def new_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=stage.peak_lr, weight_decay=self.args.weight_decay,
+                                 betas=(0.9, 0.95))
+
+    def run_steps(self, stage: Stage, last: bool, stop: StopSignals):
+        """Run the stage's remaining steps, each followed by its metrics line and, when due, a checkpoint."""
+        args = self.args
         self.model.train()
-        bar = tqdm(range(steps), desc=phase, dynamic_ncols=True, disable=None)
+        bar = tqdm(range(self.stage_step, stage.steps), desc=stage.phase, dynamic_ncols=True, disable=None,
+                   initial=self.stage_step, total=stage.steps)
         for stage_step in bar:
-            t0 = time.perf_counter()
-            lr = learning_rate(stage_step, steps, peak_lr, args.lr_warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            refresh = args.sample_every and stage_step % args.sample_every == args.sample_every - 1
-            if phase in ("sft", "hybrid") and refresh:
-                self.refresh_evaluation_track()
-            if phase == "sft":
-                stats = self.update(optimizer, self.sft_backward)
-                stats["loss"] = stats["sft_loss"]
-            else:
-                stats = self.rl_step(optimizer, with_sft=phase == "hybrid")
-                stats["loss"] = stats["grpo_loss"] + (args.lambda_sft * stats["sft_loss"] if phase == "hybrid" else 0)
-            dt = time.perf_counter() - t0
-            stats["tokens_per_s"] = stats.pop("tokens") / dt
-
-            self.step += 1
-            record = {"step": self.step, "phase": phase, "lr": lr, "dt": dt, **stats}
+            record = self.train_step(stage, stage_step)
+            self.stage_step, self.step = stage_step + 1, self.step + 1
+            record = {"step": self.step, **record}
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-            if stage_step % args.log_every == 0 or stage_step == steps - 1:
-                log.info(format_log_line(record, stage_step, steps))
+            if stage_step % args.log_every == 0 or stage_step == stage.steps - 1:
+                log.info(format_log_line(record, stage_step, stage.steps))
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-        self.ref_model = None
+
+            if self.bad_in_a_row >= args.max_bad_steps:
+                raise TrainingError(self.bad_updates_message())
+            stage_done = self.stage_step == stage.steps
+            # a checkpoint right after a skipped update is left out, so that a run that goes on to
+            # fail keeps the checkpoints from before its non-finite updates
+            due = args.save_every and self.step % args.save_every == 0 and self.bad_in_a_row == 0
+            if due or stage_done or stop.signum is not None:
+                self.save_checkpoint(stage, finished=stage_done and last)
+            if stop.signum is not None:
+                raise Interrupted(stop.signum)
+
+    def train_step(self, stage: Stage, stage_step: int) -> dict:
+        """One optimizer step of `stage` (with --inner-steps, one batch of rollouts); returns its metrics."""
+        args = self.args
+        t0 = time.perf_counter()
+        lr = learning_rate(stage_step, stage.steps, stage.peak_lr, args.lr_warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        refresh = args.sample_every and stage_step % args.sample_every == args.sample_every - 1
+        if stage.phase in ("sft", "hybrid") and refresh:
+            self.refresh_evaluation_track()
+        if stage.phase == "sft":
+            stats = self.update(self.sft_backward)
+            stats["loss"] = stats["sft_loss"]
+        else:
+            stats = self.rl_step(with_sft=stage.phase == "hybrid")
+            stats["loss"] = stats["grpo_loss"] + (args.lambda_sft * stats["sft_loss"] if stage.phase == "hybrid" else 0)
+        dt = time.perf_counter() - t0
+        stats["tokens_per_s"] = stats.pop("tokens") / dt
+        return {"phase": stage.phase, "lr": lr, "dt": dt, **stats}
+
+    def bad_updates_message(self) -> str:
+        message = (f"{self.bad_in_a_row} optimizer updates in a row had a non-finite loss or gradient norm, the last "
+                   f"in step {self.step}, so the run stopped without saving. ")
+        if self.saved_folder is None:
+            return message + "No checkpoint was written yet: start a new run with a lower --lr or --warmup-lr"
+        return message + (f"The newest checkpoint, {self.saved_folder}, is intact: resume from it with --resume "
+                          "and a larger --max-bad-steps to skip these updates, or start a new run with a lower "
+                          "--lr or --warmup-lr")
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    def save_checkpoint(self, stage: Stage, finished: bool):
+        """Write everything that the steps after this one depend on (see train_state.py)."""
+        t0 = time.perf_counter()
+        tensors, rng_values = rng_state(self.generator, self.rng)
+        state = {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "stage": self.stage_index,
+            "stage_step": self.stage_step,
+            "finished": finished,  # every step of the run is done
+            "schedule": {"phase": stage.phase, "steps": stage.steps, "peak_lr": stage.peak_lr,
+                         "lr_warmup": self.args.lr_warmup},
+            "rng": rng_values,
+            "sampler": self.sampler.state_dict(),
+            "evaluation_track": self.eval_track.state_dict(),
+            "summary": self.summary,
+            "skipped_updates": self.skipped_updates,
+            "bad_in_a_row": self.bad_in_a_row,
+            "reference_step": self.reference_step,
+            "options": vars(self.args),
+            "device_type": self.device.type,
+            "data_sha256": self.data_sha256,
+        }
+        reference = None
+        if self.stage_step < stage.steps:  # the optimizer and the reference are needed only within a stage
+            optimizer_tensors, state["optimizer"] = optimizer_state(self.optimizer)
+            tensors.update(optimizer_tensors)
+            reference = self.ref_model
+        self.saved_folder = self.checkpoints.save(self.step, self.model, self.tok, state, tensors, reference,
+                                                  self.reference_step)
+        log.info("checkpoint: %s (%.2fs)", self.saved_folder, time.perf_counter() - t0)
+
+    def restore(self, checkpoint: Checkpoint, stages: list[Stage]):
+        """Continue from `checkpoint`: its position, optimizer, reference model, data position,
+        evaluation track, summary so far and RNG states. The model weights were loaded with it."""
+        state = checkpoint.state
+        self.step, self.stage_index, self.stage_step = state["step"], state["stage"], state["stage_step"]
+        self.summary = state["summary"]
+        self.skipped_updates, self.bad_in_a_row = state["skipped_updates"], state["bad_in_a_row"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.eval_track.load_state_dict(state["evaluation_track"])
+        self.reference_step = state["reference_step"]
+        stage = stages[self.stage_index]
+        if self.stage_step < stage.steps:
+            self.optimizer = self.new_optimizer(stage)
+            load_optimizer_state(self.optimizer, checkpoint.tensors, state["optimizer"])
+            if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
+                if checkpoint.reference is None:
+                    raise CheckpointError(f"{checkpoint.folder / 'manifest.json'}: names no reference model, which "
+                                          f"the {stage.phase} stage needs for its KL penalty")
+                self.ref_model = checkpoint.reference.to(self.device)
+        set_rng_state(checkpoint.tensors, state["rng"], self.generator, self.rng)
+        self.saved_folder = checkpoint.folder
 
     def evaluate(self):
         with self.autocast:
@@ -515,6 +818,83 @@ def format_log_line(record: dict, stage_step: int, steps: int) -> str:
     return line + f" | lr {record['lr']:.1e} | {record['tokens_per_s']:.0f} tok/s | dt {record['dt']:.2f}s"
 
 
+def load_data(args) -> tuple[list[Row], list[Row], int | None]:
+    """Load the training and held-out rows; returns them and, with --skip-bad-rows, the number of
+    invalid rows skipped. Exits with the loader's message on invalid data."""
+    invalid = set()  # messages, since strategyqa reports an invalid record once per split
+
+    def skip(error: DataError):
+        if str(error) not in invalid:
+            invalid.add(str(error))
+            if len(invalid) <= 10:
+                log.warning("--skip-bad-rows: skipping %s", error)
+
+    on_bad_row = skip if args.skip_bad_rows else None
+    try:
+        train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed,
+                               on_bad_row=on_bad_row)
+        test_rows = load_rows(args.data, "test", args.data_dir, limit=args.eval_examples, seed=args.seed,
+                              on_bad_row=on_bad_row)
+    except RowError as e:
+        sys.exit(f"error: {e}, or pass --skip-bad-rows to skip invalid rows")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    if not args.skip_bad_rows:
+        return train_rows, test_rows, None
+    listed = " (the first 10 are listed above)" if len(invalid) > 10 else ""
+    log.log(logging.WARNING if invalid else logging.INFO, "--skip-bad-rows: skipped %d invalid rows%s",
+            len(invalid), listed)
+    return train_rows, test_rows, len(invalid)
+
+
+def open_checkpoint(args, store: CheckpointStore, device: torch.device, data_sha256: str) -> Checkpoint | None:
+    """With --resume, load the newest usable checkpoint and check that it belongs to these options
+    and data; None when the run stopped before its first checkpoint. Without --resume, exit rather
+    than overwrite an unfinished run. Exits with a message on every problem."""
+    if not args.resume:
+        folders = store.step_folders()
+        if folders and not store.is_finished(folders[-1]):
+            sys.exit(f"error: --out {args.out} contains an unfinished run (newest checkpoint {folders[-1].name}); "
+                     f"continue it with --resume, or delete {store.root} to start it over")
+        return None
+    try:
+        checkpoint = store.load_latest()
+    except CheckpointError as e:
+        sys.exit(f"error: --resume: {e}")
+    if checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, so the run stopped before its first one; starting it from step 0",
+                    store.root)
+        return None
+
+    differences = option_differences(checkpoint.state["options"], vars(args))
+    if differences:
+        sys.exit(f"error: --resume: {'; '.join(differences)} (in {checkpoint.folder / 'trainer_state.json'}). "
+                 "These options change the results: resume with the run's values, or start a new run in another --out")
+    if checkpoint.state["data_sha256"] != data_sha256:
+        sys.exit(f"error: --resume: the dataset rows differ from those that {checkpoint.folder} was trained on "
+                 "(their SHA-256 differs); restore the dataset files of the run, or start a new run in another --out")
+    if checkpoint.state["device_type"] != device.type:
+        log.warning("--resume: the run trained on %s and goes on on %s, so its numbers will differ from an "
+                    "uninterrupted run by rounding", checkpoint.state["device_type"], device.type)
+    return checkpoint
+
+
+def keep_metrics_until(path: Path, step: int):
+    """Drop the lines of metrics.jsonl after `step`, which the resumed run computes again, and a last
+    line that a kill cut short."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            lines.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
+
+
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
@@ -525,45 +905,63 @@ def main(argv=None):
 
     # everything that can reject the input runs before the run directory's files are replaced
     weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
-    try:
-        train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
-        test_rows = load_rows(args.data, "test", args.data_dir, limit=args.eval_examples, seed=args.seed)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    train_rows, test_rows, skipped_rows = load_data(args)
     log.info("data: %s, %d training rows, %d held-out rows", args.data, len(train_rows), len(test_rows))
     out.mkdir(parents=True, exist_ok=True)
+    store = CheckpointStore(out / "checkpoints", args.keep)
+    checkpoint = open_checkpoint(args, store, device, rows_sha256(train_rows, test_rows))
     try:
-        tok, model = build_model(args, train_rows, weights, out)
+        if checkpoint is not None:
+            tok, model = checkpoint.tokenizer, checkpoint.model
+        else:
+            tok, model = build_model(args, train_rows, weights, out)
         score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, device, out, store)
+    stages = plan_stages(args)
+    if checkpoint is not None:
+        try:
+            trainer.restore(checkpoint, stages)
+        except CheckpointError as e:
+            sys.exit(f"error: --resume: {e}")
+
+    # the run directory's files change from here on
+    if checkpoint is not None:
+        keep_metrics_until(out / "metrics.jsonl", checkpoint.step)
+        log.info("resumed from %s: step %d, %d of %d steps into %s", checkpoint.folder, trainer.step,
+                 trainer.stage_step, stages[trainer.stage_index].steps, stages[trainer.stage_index].phase)
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        store.clear()  # a finished earlier run's checkpoints, or a killed first write
     write_json(out / "run_config.json", vars(args))
-    trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, device, out)
     log.info("evaluation track: %s", trainer.eval_track.stats())
 
-    summary = {}
-    if args.phase in ("rl", "hybrid") and not args.init and args.warmup_steps > 0:
-        log.info("no --init: running %d dual-track SFT steps before %s, so the policy writes the format",
-                 args.warmup_steps, args.phase)
-        trainer.run_stage("sft", args.warmup_steps, args.warmup_lr)
-        metrics, _ = trainer.evaluate()
-        summary["after_sft_warmup"] = metrics
-        log.info("after SFT warm-up: %s", json.dumps(metrics))
-    trainer.run_stage(args.phase, args.steps, args.lr)
+    with StopSignals() as stop:
+        try:
+            trainer.run(stages, stop)
+        except Interrupted as e:
+            log.warning("stopped by %s after step %d; newest checkpoint: %s. Resume with: python train.py --resume "
+                        "--out %s", e, trainer.step, trainer.saved_folder, shlex.quote(str(out)))
+            sys.exit(128 + e.signum)
+        except TrainingError as e:
+            sys.exit(f"error: {e}")
 
     metrics, records = trainer.evaluate()
-    summary.update(metrics)
+    summary = {**trainer.summary, **metrics}
     summary.update({"phase": args.phase, "data": args.data, "steps": args.steps, "evaluation_track": trainer.eval_track.stats(),
-                    "wall_seconds": time.time() - started})
-    with open(out / "eval_samples.jsonl", "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+                    "skipped_updates": trainer.skipped_updates, "wall_seconds": time.time() - started})
+    if skipped_rows is not None:
+        summary["skipped_rows"] = skipped_rows
+    if checkpoint is not None:
+        summary["resumed_from_step"] = checkpoint.step
+    atomic_write(out / "eval_samples.jsonl",
+                 lambda tmp: tmp.write_text("".join(json.dumps(record) + "\n" for record in records)))
     save_pretrained(model, tok, out / "model")
     write_json(out / "summary.json", summary)
     log.info("final: %s", json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
-    log.info("wrote %s (summary.json, metrics.jsonl, eval_samples.jsonl, model/)", out)
+    log.info("wrote %s (summary.json, metrics.jsonl, eval_samples.jsonl, model/, checkpoints/)", out)
 
 
 if __name__ == "__main__":

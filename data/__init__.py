@@ -42,6 +42,10 @@ class DataError(ValueError):
     """Invalid or missing dataset input. The message names the place and the fix."""
 
 
+class RowError(DataError):
+    """One invalid row, which load_rows skips instead of raising when given `on_bad_row`."""
+
+
 # Called with the error of each invalid row, which the loader then skips.
 BadRowHandler = Callable[[DataError], None]
 
@@ -159,9 +163,9 @@ def check_dataset_name(name: str) -> str:
 
 
 def _skip_or_raise(error: DataError, on_bad_row: BadRowHandler | None):
-    """Raise `error`, or hand it to `on_bad_row` so that the caller skips the row."""
+    """Raise `error` as a RowError, or hand it to `on_bad_row` so that the caller skips the row."""
     if on_bad_row is None:
-        raise error
+        raise RowError(*error.args) from None
     on_bad_row(error)
 
 
