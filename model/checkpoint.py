@@ -84,8 +84,8 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
         raise ValueError(
             f"{folder}: weights do not match config.json ({config.architecture}, "
             f"{config.num_hidden_layers} layers, attention_bias={config.attention_bias}, "
-            f"qk_norm={config.qk_norm}, tie_word_embeddings={config.tie_word_embeddings}): "
-            + "; ".join(problems)
+            f"qk_norm={config.qk_norm}, tie_word_embeddings={config.tie_word_embeddings}); the folder needs the "
+            "config.json saved with these weights: " + "; ".join(problems)
         )
     expected_shapes = {k: v.shape for k, v in model.state_dict().items()}
     wrong = [f"{k} {tuple(v.shape)} != {tuple(expected_shapes[k])}" for k, v in state.items() if v.shape != expected_shapes[k]]

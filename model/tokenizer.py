@@ -112,7 +112,8 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer.json not found in the model folder")
+            raise FileNotFoundError(f"{path}: tokenizer.json not found in the model folder; copy the model's "
+                                    "tokenizer.json into it")
         try:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on invalid files
