@@ -90,7 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--phase", choices=["sft", "rl", "hybrid"], default="hybrid",
                      help="sft: dual-track SFT; rl: GRPO with white-box rewards; hybrid: GRPO + lambda_sft * SFT each step")
     run.add_argument("--out", default="runs/default", help="run directory for outputs")
-    run.add_argument("--steps", type=int, default=10, help="optimizer steps of the requested phase")
+    run.add_argument("--steps", type=int, default=5,
+                     help="steps of the requested phase: optimizer updates in sft, batches of rollouts (each with "
+                          "--inner-steps updates) in rl and hybrid")
     run.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and sampling")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
