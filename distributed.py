@@ -1,0 +1,124 @@
+"""Process group, rank and device of a run, and the few collectives the trainer uses.
+
+    torchrun --standalone --nproc_per_node 8 train.py --phase hybrid ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each worker's environment. Only then does
+setup() start a process group: gloo on CPU, nccl on CUDA, with each worker on cuda:LOCAL_RANK.
+Without those variables the run is a single process, and every helper here returns its input
+without calling torch.distributed.
+"""
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Rank, world size and device of this process; rank 0 of world size 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        """A process group exists (torchrun started this process)."""
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """This process writes files, logs and shows the progress bar."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> range:
+        """Return this rank's contiguous part of range(n); ranks below n % world_size get one more."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum each number over the ranks, in float64."""
+        return self.all_reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: list[float]) -> list[float]:
+        """Take the maximum of each number over the ranks."""
+        return self.all_reduce(values, dist.ReduceOp.MAX)
+
+    def all_reduce(self, values: list[float], op) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def gather(self, items: list) -> list:
+        """Concatenate each rank's list of picklable items in rank order, on every rank."""
+        if not self.enabled:
+            return list(items)
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
+    def broadcast(self, value):
+        """Return rank 0's picklable `value` on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where tensors for collectives live: nccl needs CUDA tensors, gloo takes CPU tensors."""
+        return self.device if self.enabled and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_VARIABLES)
+
+
+def setup(device_name: str) -> Dist:
+    """Choose the device from --device and, under torchrun, start the process group.
+
+    Under torchrun, --device cuda or auto puts each worker on cuda:LOCAL_RANK, so a process uses
+    one GPU; a --device with an index is rejected there, because every worker would take it.
+    """
+    if not launched_by_torchrun():
+        if device_name == "auto":
+            device_name = "cuda" if torch.cuda.is_available() else "cpu"
+        return Dist(device=torch.device(device_name))
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    requested = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                             "cpu" if device_name == "auto" else device_name)
+    if requested.type == "cuda":
+        if requested.index is not None:
+            sys.exit(f"error: --device {device_name}: under torchrun each worker uses cuda:LOCAL_RANK; "
+                     "pass --device cuda")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = requested, "gloo"
+    # NOTE: with the default timeout of 10 minutes (gloo), a rank that waits while rank 0 writes a
+    # large checkpoint could fail. An hour is a guess that leaves room for that.
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=1))
+    return Dist(rank, world_size, local_rank, device)
+
+
+def teardown(ctx: Dist):
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
