@@ -1,4 +1,4 @@
-"""Process group, rank and device of a run, and the few collectives the trainer uses.
+"""Process group, rank and device of a run, the few collectives the trainer uses, and FSDP2.
 
     torchrun --standalone --nproc_per_node 8 train.py --phase hybrid ...
 
@@ -11,10 +11,14 @@ without calling torch.distributed.
 import datetime
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -113,8 +117,9 @@ def setup(device_name: str) -> Dist:
         backend = "nccl"
     else:
         device, backend = requested, "gloo"
-    # NOTE: with the default timeout of 10 minutes (gloo), a rank that waits while rank 0 writes a
-    # large checkpoint could fail. An hour is a guess that leaves room for that.
+    # NOTE: the other ranks wait in a collective while rank 0 writes a checkpoint or the outputs.
+    # torch's default timeout is 30 minutes (torch.distributed.constants.default_pg_timeout in
+    # 2.13); an hour is a guess that leaves room for the checkpoints of large models.
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=1))
     return Dist(rank, world_size, local_rank, device)
 
@@ -122,3 +127,74 @@ def setup(device_name: str) -> Dist:
 def teardown(ctx: Dist):
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2: each transformer block, and the root module, shards its weights, gradients and
+# optimizer state over the processes.
+
+
+def shard_model(model, dtype: str):
+    """Apply FSDP2's fully_shard to each transformer block of `model`, then to the whole model
+    (embeddings, final norm, LM head), in place. With dtype "bfloat16", the gathered weights are
+    bfloat16 for the forward pass, and gradients are reduced and kept in float32."""
+    policy = MixedPrecisionPolicy()
+    if dtype == "bfloat16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
+    return model
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def full_weights(model):
+    """Keep an FSDP2 model's weights gathered inside the block, so that each process may run a
+    different number of forward passes there, as generation does. Other models pass through.
+    Every process must enter the block, since gathering is a collective."""
+    if not is_sharded(model):
+        yield model
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)
+    for module in modules:
+        module.unshard()
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.reshard()
+        model.set_reshard_after_forward(True)
+
+
+def full_state_dict(model, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Return the whole model's weights, gathered from an FSDP2 model (a collective). With
+    `rank0_only` they are CPU tensors on rank 0 and an empty dict elsewhere."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+    return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """Return optimizer.state_dict() as one process would have it, parameters numbered in the
+    order of model.parameters(), gathered from FSDP2 shards on rank 0 (empty elsewhere)."""
+    gathered = get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not gathered:
+        return {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {"state": {index[name]: values for name, values in gathered["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in gathered["param_groups"]]}
+
+
+def load_full_optimizer_state(model, optimizer, saved: dict):
+    """Load a state of full_optimizer_state, which every process has, into the FSDP2 shards."""
+    names = [name for name, _ in model.named_parameters()]
+    by_name = {"state": {names[int(i)]: values for i, values in saved["state"].items()},
+               "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

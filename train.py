@@ -56,7 +56,7 @@ from pcl.sequence import prompt_ids, reasoning_track
 from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_backward
 from distributed import Dist
 from train_state import (STATE_FORMAT, Checkpoint, CheckpointError, CheckpointStore, load_optimizer_state,
-                         optimizer_state, rng_state, set_rng_state)
+                         optimizer_state, optimizer_state_dict, rng_state, set_rng_state)
 
 log = logging.getLogger("train")
 
@@ -76,7 +76,7 @@ DATASET_DEFAULTS = {
 # many non-finite updates it gives up. The device is here too, so that a run stopped on one
 # machine can go on on another. A different device type computes the same steps with different
 # rounding, so resuming on one logs a warning that the results are no longer bit-identical.
-RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep", "max_bad_steps", "device"}
+RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep", "max_bad_steps", "device", "fsdp"}
 
 # ---------------------------------------------------------------------------------------------
 # command line
@@ -104,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="compute dtype (bfloat16 runs under autocast; weights and optimizer state stay float32)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun, shard weights, gradients and optimizer state over the processes with "
+                          "FSDP2 (fully_shard per transformer block), for models whose training state does not "
+                          "fit one device (default: every process has all of it, DistributedDataParallel)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                      help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -551,15 +555,14 @@ class Trainer:
         # It stays in the checkpoints' RNG states so that their format does not change.
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
         # The forward passes that train go through train_model; generation, the reference copy and
-        # saving use the plain module. DistributedDataParallel averages the gradients over the
-        # processes, but each process's loss is its part of a sum divided by the normaliser of the
-        # whole step (see grpo_backward and sft_backward), so the losses are multiplied by the world
-        # size: the average of world_size * (part of the sum) is the sum, the single-process gradient.
-        self.train_model, self.grad_scale = model, 1.0
-        if ctx.enabled:
+        # saving use the plain module. DistributedDataParallel and FSDP2 both average the gradients
+        # over the processes, but each process's loss is its part of a sum divided by the normaliser
+        # of the whole step (see grpo_backward and sft_backward). So the losses are multiplied by the
+        # world size: the average of world_size * (part of the sum) is the single-process gradient.
+        self.train_model, self.grad_scale = model, float(ctx.world_size)
+        if ctx.enabled and not distributed.is_sharded(model):
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-            self.grad_scale = float(ctx.world_size)
         self.sampler = RowSampler(train_rows, args.seed)
         self.sft_cfg = SFTConfig(args.batch_size, args.eval_track_batch_size, args.lambda_eval,
                                  args.lambda_score, args.pool_size, args.balance_eval_track)
@@ -615,15 +618,16 @@ class Trainer:
         prompts = [prompt_ids(self.tok, format_prompt(self.args.data, r)) for r in rows]
         part = self.ctx.shard(len(rows))
         completions = []
-        if part:
-            self.model.eval()
-            with torch.no_grad(), self.autocast:
-                out = generate(self.model, [prompts[i] for i in part], self.args.max_new_tokens,
-                               stop_ids=[self.tok.marker_id, self.tok.eos_id], pad_id=self.tok.pad_id,
-                               temperature=self.args.eval_track_temperature,
-                               row_keys=[row_key(self.args.seed, "evaluation track", self.step, i) for i in part])
-            self.model.train()
-            completions = out.tokens
+        with distributed.full_weights(self.model):
+            if part:
+                self.model.eval()
+                with torch.no_grad(), self.autocast:
+                    out = generate(self.model, [prompts[i] for i in part], self.args.max_new_tokens,
+                                   stop_ids=[self.tok.marker_id, self.tok.eos_id], pad_id=self.tok.pad_id,
+                                   temperature=self.args.eval_track_temperature,
+                                   row_keys=[row_key(self.args.seed, "evaluation track", self.step, i) for i in part])
+                self.model.train()
+                completions = out.tokens
         completions = self.ctx.gather(completions)
         for row, prompt, ids in zip(rows, prompts, completions):
             self.add_sample(row, prompt, ids)
@@ -643,7 +647,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats = backward()
         # the gradients are the same on every process here, so the norm and the decision to skip are too
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
         losses = {key: stats[key] for key in ("sft_loss", "grpo_loss") if key in stats}
         if math.isfinite(grad_norm) and all(math.isfinite(v) for v in losses.values()):
             self.optimizer.step()
@@ -665,11 +672,11 @@ class Trainer:
         cfg = self.grpo_cfg
         G = cfg.group_size
         rows = self.sampler.next(cfg.prompts_per_step)
-        # this process's prompts, each with its whole group, so advantages need no communication;
-        # the keys make each sample's draws independent of which process samples it
+        # this process's prompts, each with its whole group, so advantages need no communication.
+        # The keys make each sample's draws independent of which process samples it.
         part = self.ctx.shard(len(rows))
         keys = [row_key(self.args.seed, "rollout", self.step, i, j) for i in part for j in range(G)]
-        with self.autocast:
+        with self.autocast, distributed.full_weights(self.model):
             rollouts = collect_rollouts(self.model, self.tok, self.args.data, [rows[i] for i in part], cfg,
                                         self.weights, self.generator, row_keys=keys)
         if with_sft and self.args.eval_track_from_rollouts:
@@ -702,7 +709,7 @@ class Trainer:
 
     def gather_rollouts(self, rollouts):
         """Return the rollouts of every process with the fields that rollout_stats reads, in the
-        order of one process; in a single process, `rollouts` itself."""
+        order of one process. In a single process, return `rollouts` itself."""
         if not self.ctx.enabled:
             return rollouts
         names = list(rollouts.rewards)
@@ -753,8 +760,17 @@ class Trainer:
         self.stage_index, self.stage_step = index, 0
         self.optimizer = self.new_optimizer(stage)
         if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = self.frozen_copy()
             self.reference_step = self.step
+
+    def frozen_copy(self) -> Transformer:
+        """Return a copy of the model that does not train, sharded like it under FSDP2."""
+        if not distributed.is_sharded(self.model):
+            return copy.deepcopy(self.model).eval().requires_grad_(False)
+        copied = Transformer(self.model.config)
+        copied.load_state_dict(distributed.full_state_dict(self.model))
+        copied = copied.to(self.device).eval().requires_grad_(False)
+        return distributed.shard_model(copied, self.args.dtype)
 
     def new_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=stage.peak_lr, weight_decay=self.args.weight_decay,
@@ -825,14 +841,23 @@ class Trainer:
     def save_checkpoint(self, stage: Stage, finished: bool):
         """Write everything that the steps after this one depend on (see train_state.py).
 
-        Rank 0 writes it alone. Under data parallelism every process has the same weights,
-        optimizer state, RNG states, data position and evaluation track, so one copy restores all
-        of them, with any number of processes.
+        Rank 0 writes it alone, in the single-process format. Every process has the same RNG
+        states, data position and evaluation track, and under DistributedDataParallel also the same
+        weights and optimizer state. Under FSDP2 rank 0 gathers those from the shards first. So one
+        copy restores a run with any number of processes, with or without FSDP2.
         """
+        t0 = time.perf_counter()
+        training = self.stage_step < stage.steps  # the optimizer and the reference are needed only within a stage
+        # under FSDP2 these gather the shards on rank 0, which every process takes part in
+        model = plain_model(self.model)
+        reference = plain_model(self.ref_model) if training and self.ref_model is not None else None
+        optimizer = None
+        if training:
+            sharded = distributed.is_sharded(self.model)
+            optimizer = distributed.full_optimizer_state(self.model, self.optimizer) if sharded else self.optimizer
         if not self.ctx.is_main:
             self.saved_folder = self.checkpoints.root / f"step-{self.step:06d}"
             return
-        t0 = time.perf_counter()
         tensors, rng_values = rng_state(self.generator, self.rng)
         state = {
             "format": STATE_FORMAT,
@@ -854,12 +879,10 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "data_sha256": self.data_sha256,
         }
-        reference = None
-        if self.stage_step < stage.steps:  # the optimizer and the reference are needed only within a stage
-            optimizer_tensors, state["optimizer"] = optimizer_state(self.optimizer)
+        if training:
+            optimizer_tensors, state["optimizer"] = optimizer_state(optimizer)
             tensors.update(optimizer_tensors)
-            reference = self.ref_model
-        self.saved_folder = self.checkpoints.save(self.step, self.model, self.tok, state, tensors, reference,
+        self.saved_folder = self.checkpoints.save(self.step, model, self.tok, state, tensors, reference,
                                                   self.reference_step)
         log.info("checkpoint: %s (%.2fs)", self.saved_folder, time.perf_counter() - t0)
 
@@ -876,12 +899,18 @@ class Trainer:
         stage = stages[self.stage_index]
         if self.stage_step < stage.steps:
             self.optimizer = self.new_optimizer(stage)
-            load_optimizer_state(self.optimizer, checkpoint.tensors, state["optimizer"])
+            if distributed.is_sharded(self.model):
+                saved = optimizer_state_dict(checkpoint.tensors, state["optimizer"])
+                distributed.load_full_optimizer_state(self.model, self.optimizer, saved)
+            else:
+                load_optimizer_state(self.optimizer, checkpoint.tensors, state["optimizer"])
             if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
                 if checkpoint.reference is None:
                     raise CheckpointError(f"{checkpoint.folder / 'manifest.json'}: names no reference model, which "
                                           f"the {stage.phase} stage needs for its KL penalty")
                 self.ref_model = checkpoint.reference.to(self.device)
+                if distributed.is_sharded(self.model):
+                    self.ref_model = distributed.shard_model(self.ref_model, self.args.dtype)
         set_rng_state(checkpoint.tensors, state["rng"], self.generator, self.rng)
         self.saved_folder = checkpoint.folder
 
@@ -890,11 +919,12 @@ class Trainer:
         process. Each process answers its contiguous part of the rows."""
         rows = [self.test_rows[i] for i in self.ctx.shard(len(self.test_rows))]
         records = []
-        if rows:
-            with self.autocast:
-                records = answer_and_grade(self.model, self.tok, self.args.data, rows, self.weights,
-                                           self.args.eval_batch_size, self.args.max_new_tokens,
-                                           self.args.max_evaluation_tokens)
+        with distributed.full_weights(self.model):
+            if rows:
+                with self.autocast:
+                    records = answer_and_grade(self.model, self.tok, self.args.data, rows, self.weights,
+                                               self.args.eval_batch_size, self.args.max_new_tokens,
+                                               self.args.max_evaluation_tokens)
         records = self.ctx.gather(records)
         return summarize(records), records
 
@@ -995,6 +1025,20 @@ def keep_metrics_until(path: Path, step: int):
     atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
 
 
+def plain_model(model: Transformer) -> Transformer | None:
+    """Return `model`, or for an FSDP2 model a plain CPU copy of its weights on rank 0 and None on
+    the other ranks. Under FSDP2 every process must call it, because it gathers the shards."""
+    if not distributed.is_sharded(model):
+        return model
+    # NOTE: rank 0 holds the whole model in CPU memory for each checkpoint, which bounds the model size
+    weights = distributed.full_state_dict(model, rank0_only=True)
+    if not weights:
+        return None
+    copied = Transformer(model.config)
+    copied.load_state_dict(weights)
+    return copied
+
+
 def on_main(ctx: Dist, fn):
     """Run `fn` on rank 0 only and return its picklable result on every rank. When `fn` exits
     with sys.exit, every rank exits, and only rank 0 prints the message."""
@@ -1048,6 +1092,9 @@ def train(args, ctx: Dist, started: float):
     device = ctx.device
     stages = plan_stages(args)
     check_world_size(args, ctx, stages)
+    if args.fsdp and not ctx.enabled:
+        sys.exit("error: --fsdp shards the model over the processes that torchrun starts; run "
+                 "torchrun --nproc_per_node N train.py --fsdp ..., or leave out --fsdp")
 
     # everything that can reject the input runs before the run directory's files are replaced
     weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
@@ -1085,6 +1132,8 @@ def train(args, ctx: Dist, started: float):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
+    if args.fsdp:
+        distributed.shard_model(model, args.dtype)
     trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, ctx, out, store)
     if checkpoint is not None:
         try:
@@ -1117,6 +1166,7 @@ def train(args, ctx: Dist, started: float):
             sys.exit(f"error: {e}" if ctx.is_main else 1)
 
     metrics, records = trainer.evaluate()
+    model = plain_model(model)  # under FSDP2, gathers the weights on rank 0
     if not ctx.is_main:
         return
     summary = {**trainer.summary, **metrics}

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun: two CPU processes (gloo) against one.
 
 Two processes that split each step's global batch must give the per-step losses and the final
-weights of one process with the same options, up to float32 rounding. That holds because the
+weights of one process with the same options, up to float32 rounding. This is so because the
 losses are normalised over the whole step, and a row's sampling draws do not depend on which
 process samples it. A two-process run that is killed and resumed must match one that was never stopped.
 """
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
 # 5 steps per phase: 5 sft steps, or 3 SFT warm-up steps then 2 rl or hybrid steps. The tiny
-# model's rollouts all get reward 0, so their advantages are 0; the k1 KL estimator still gives
+# model's rollouts all get reward 0, so their advantages are 0. The k1 KL estimator still gives
 # every sampled token a gradient, so the rl steps change the weights through what was sampled.
 PHASE_FLAGS = {"sft": ["--phase", "sft", "--steps", "5"],
                "rl": ["--phase", "rl", "--kl-estimator", "k1"],
@@ -97,10 +97,11 @@ def largest_weight_difference(first: Path, second: Path) -> float:
     return max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0])
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 @pytest.mark.parametrize("phase", ["sft", "rl", "hybrid"])
-def test_two_processes_match_one(tmp_path, phase):
+def test_two_processes_match_one(tmp_path, phase, sharding):
     args = [*TINY, *PHASE_FLAGS[phase]]
-    two = Torchrun(tmp_path / "two", args)
+    two = Torchrun(tmp_path / "two", args + (["--fsdp"] if sharding == "fsdp" else []))
     train.main([*args, "--out", str(tmp_path / "one")])  # while the workers start
     two.finish()
 
@@ -110,7 +111,7 @@ def test_two_processes_match_one(tmp_path, phase):
     loss_difference = max(abs(a["loss"] - b["loss"]) for a, b in zip(one_metrics, two_metrics))
     metric_difference = largest_metric_difference(one_metrics, two_metrics)
     weight_difference = largest_weight_difference(tmp_path / "one", tmp_path / "two")
-    print(f"{phase}: max abs difference, loss {loss_difference:.2e}, any metric {metric_difference:.2e}, "
+    print(f"{phase}, {sharding}: max abs difference, loss {loss_difference:.2e}, any metric {metric_difference:.2e}, "
           f"weights {weight_difference:.2e}")
     assert loss_difference <= TOLERANCE
     assert metric_difference <= TOLERANCE
@@ -124,8 +125,11 @@ def test_two_processes_match_one(tmp_path, phase):
         sorted(p.name for p in (tmp_path / "one").iterdir())
 
 
-def test_killed_two_processes_resume_exactly(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_killed_two_processes_resume_exactly(tmp_path, sharding):
     args = [*TINY, "--phase", "hybrid", "--steps", "5", "--save-every", "2", "--keep", "2"]  # 8 steps
+    if sharding == "fsdp":
+        args.append("--fsdp")
     out = tmp_path / "run"
     reference = Torchrun(tmp_path / "reference", args)
     first = Torchrun(out, args)
@@ -138,7 +142,7 @@ def test_killed_two_processes_resume_exactly(tmp_path):
     reference.finish()
     assert f"resumed from {out / 'checkpoints'}" in log
     worst = compare_runs(tmp_path / "reference", out)
-    print(f"killed after {killed_at} logged steps, resumed from checkpoint {resumed_at}; "
+    print(f"{sharding}: killed after {killed_at} logged steps, resumed from checkpoint {resumed_at}; "
           f"max abs difference {worst}")
 
 
@@ -148,3 +152,9 @@ def test_uneven_batch_rejected(tmp_path):
     log = run.log()
     assert "--prompts-per-step 3 does not divide evenly among 2 processes; use a multiple of 2" in log
     assert log.count("does not divide evenly") == 1  # printed by rank 0 only
+
+
+def test_fsdp_needs_torchrun(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        train.main([*TINY, "--phase", "sft", "--fsdp", "--out", str(tmp_path / "run")])
+    assert "--fsdp shards the model over the processes that torchrun starts" in str(raised.value.code)
