@@ -1074,10 +1074,17 @@ def main(argv=None):
     started = time.time()
     args = parse_args(argv)
     ctx = distributed.setup(args.device)
+    # A SystemExit's traceback would keep train()'s frames, and so DistributedDataParallel, alive
+    # past teardown. See distributed.teardown for why DDP must be gone first. So only the exit
+    # code is kept, and the exception with its frames is dropped before teardown.
+    exited, code = False, None
     try:
         train(args, ctx, started)
-    finally:
-        distributed.teardown(ctx)
+    except SystemExit as e:
+        exited, code = True, e.code
+    distributed.teardown(ctx)
+    if exited:
+        sys.exit(code)
 
 
 def train(args, ctx: Dist, started: float):
