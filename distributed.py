@@ -80,10 +80,6 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self):
-        if self.enabled:
-            dist.barrier()
-
     @property
     def collective_device(self) -> torch.device:
         """Where tensors for collectives live: nccl needs CUDA tensors, gloo takes CPU tensors."""

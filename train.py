@@ -767,10 +767,18 @@ class Trainer:
         """Return a copy of the model that does not train, sharded like it under FSDP2."""
         if not distributed.is_sharded(self.model):
             return copy.deepcopy(self.model).eval().requires_grad_(False)
-        copied = Transformer(self.model.config)
-        copied.load_state_dict(distributed.full_state_dict(self.model))
-        copied = copied.to(self.device).eval().requires_grad_(False)
-        return distributed.shard_model(copied, self.args.dtype)
+        # built on the meta device and sharded the same way, so that each process copies only its
+        # own shards and never holds the whole model
+        with torch.device("meta"):
+            copied = Transformer(self.model.config)
+        distributed.shard_model(copied, self.args.dtype)
+        copied.to_empty(device=self.device)
+        with torch.no_grad():
+            for target, source in zip(copied.parameters(), self.model.parameters()):
+                target.to_local().copy_(source.to_local())
+            for target, source in zip(copied.buffers(), self.model.buffers()):
+                target.copy_(source)
+        return copied.eval().requires_grad_(False)
 
     def new_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=stage.peak_lr, weight_decay=self.args.weight_decay,
@@ -1140,6 +1148,8 @@ def train(args, ctx: Dist, started: float):
         sys.exit(f"error: {e}")
     model.to(device)
     if args.fsdp:
+        # NOTE: each process builds or loads the whole model before sharding it, so host and device
+        # memory must hold one full float32 copy per process at start-up and at resume
         distributed.shard_model(model, args.dtype)
     trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, ctx, out, store)
     if checkpoint is not None:
