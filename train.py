@@ -5,6 +5,12 @@
 
     python train.py --resume --out runs/default      # continue a stopped run from its last checkpoint
 
+    torchrun --standalone --nproc_per_node 8 train.py --phase hybrid   # data-parallel, one GPU each
+
+Under torchrun every process draws the same global batch and trains on its own contiguous part
+of it (whole GRPO groups), so a run gives the results of one process with the same options, up to
+rounding; see distributed.py. Only rank 0 logs and writes files.
+
 Without --init the model starts from random weights, so the rl and hybrid phases first run
 --warmup-steps dual-track SFT steps: GRPO needs a policy that already writes the format.
 Outputs in --out: run_config.json, metrics.jsonl (one JSON object per step), summary.json,
@@ -29,16 +35,18 @@ import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 from data import DATASETS, DataError, Row, RowError, format_prompt, load_rows
-from eval.evaluate import evaluate
+from eval.evaluate import answer_and_grade, summarize
 from model.checkpoint import atomic_write, check_tokenizer_fits, load_pretrained, save_pretrained, write_json
 from model.config import PRESETS, ModelConfig
-from model.generate import generate
+from model.generate import generate, row_key
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
 from pcl import rewards
@@ -46,8 +54,9 @@ from pcl.grpo import GRPOConfig, collect_rollouts, grpo_backward, micro_batches,
 from pcl.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from pcl.sequence import prompt_ids, reasoning_track
 from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_backward
+from distributed import Dist
 from train_state import (STATE_FORMAT, Checkpoint, CheckpointError, CheckpointStore, load_optimizer_state,
-                         optimizer_state, rng_state, set_rng_state)
+                         optimizer_state, optimizer_state_dict, rng_state, set_rng_state)
 
 log = logging.getLogger("train")
 
@@ -67,7 +76,7 @@ DATASET_DEFAULTS = {
 # many non-finite updates it gives up. The device is here too, so that a run stopped on one
 # machine can go on on another. A different device type computes the same steps with different
 # rounding, so resuming on one logs a warning that the results are no longer bit-identical.
-RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep", "max_bad_steps", "device"}
+RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep", "max_bad_steps", "device", "fsdp"}
 
 # ---------------------------------------------------------------------------------------------
 # command line
@@ -97,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="compute dtype (bfloat16 runs under autocast; weights and optimizer state stay float32)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun, shard weights, gradients and optimizer state over the processes with "
+                          "FSDP2 (fully_shard per transformer block), for models whose training state does not "
+                          "fit one device (default: every process has all of it, DistributedDataParallel)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                      help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -341,12 +354,6 @@ def check_args(p: argparse.ArgumentParser, args):
 # set-up
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -388,7 +395,12 @@ def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transf
         check_tokenizer_fits(model, tok)
         return tok, model
 
-    # from scratch: a tokenizer trained on this task at first use and cached in the run directory
+    tok = scratch_tokenizer(args, train_rows, weights, out)
+    return tok, scratch_model(args, tok)
+
+
+def scratch_tokenizer(args, train_rows, weights, out: Path) -> Tokenizer:
+    """Return a tokenizer trained on this task at first use and cached in the run directory."""
     cached = out / "tokenizer"
     trained_on = {"data": args.data, "data_dir": args.data_dir, "vocab_size": args.vocab_size,
                   "train_examples": args.train_examples, "seed": args.seed}
@@ -403,12 +415,17 @@ def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transf
         tok.save(cached)
         write_json(stamp, trained_on)
         log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)
+    return tok
+
+
+def scratch_model(args, tok: Tokenizer) -> Transformer:
+    """Return a model of --preset with random weights drawn from --seed, the same in every process."""
     config = ModelConfig.from_preset(args.preset, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
                                      pad_token_id=tok.pad_id)
     model = Transformer(config)
     model.init_weights(seed=args.seed)
     log.info("model: preset %s, %.2fM parameters", args.preset, sum(p.numel() for p in model.parameters()) / 1e6)
-    return tok, model
+    return model
 
 
 class RowSampler:
@@ -529,12 +546,25 @@ class Trainer:
     restore() sets it, and every other piece of state, from a checkpoint.
     """
 
-    def __init__(self, args, tok, model, score_head, train_rows, test_rows, weights, device, out: Path,
+    def __init__(self, args, tok, model, score_head, train_rows, test_rows, weights, ctx: Dist, out: Path,
                  checkpoints: CheckpointStore):
-        self.args, self.tok, self.model, self.device, self.out = args, tok, model, device, out
+        self.args, self.tok, self.model, self.out = args, tok, model, out
+        self.ctx, self.device = ctx, ctx.device
+        device = ctx.device
         self.train_rows, self.test_rows, self.weights = train_rows, test_rows, weights
         self.rng = random.Random(args.seed)
+        # NOTE: sampling draws come from row keys (model.generate.row_key), not from this generator.
+        # It stays in the checkpoints' RNG states so that their format does not change.
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        # The forward passes that train go through train_model; generation, the reference copy and
+        # saving use the plain module. DistributedDataParallel and FSDP2 both average the gradients
+        # over the processes, but each process's loss is its part of a sum divided by the normaliser
+        # of the whole step (see grpo_backward and sft_backward). So the losses are multiplied by the
+        # world size: the average of world_size * (part of the sum) is the single-process gradient.
+        self.train_model, self.grad_scale = model, float(ctx.world_size)
+        if ctx.enabled and not distributed.is_sharded(model):
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         self.sampler = RowSampler(train_rows, args.seed)
         self.sft_cfg = SFTConfig(args.batch_size, args.eval_track_batch_size, args.lambda_eval,
                                  args.lambda_score, args.pool_size, args.balance_eval_track)
@@ -564,31 +594,44 @@ class Trainer:
     # one step of each kind -------------------------------------------------------------------
 
     def sft_batch(self):
+        """Draw the step's SFT batch and return this process's part of each track. Every process
+        draws the whole batch, so the data order and self.rng stay the same on all of them."""
         rows = self.sampler.next(self.sft_cfg.batch_size)
+        rows = [rows[i] for i in self.ctx.shard(len(rows))]
         reasoning = [reasoning_track(self.tok, prompt_ids(self.tok, format_prompt(self.args.data, r)), gold_completion(r))
                      for r in rows]
         evaluation = self.eval_track.sample(self.sft_cfg.eval_batch_size, self.rng)
+        evaluation = [evaluation[i] for i in self.ctx.shard(len(evaluation))]
         return reasoning, evaluation
 
     def sft_backward(self, scale: float = 1.0) -> dict:
         reasoning, evaluation = self.sft_batch()
-        stats = sft_backward(self.model, reasoning, evaluation, self.score_head, self.sft_cfg, self.tok.pad_id,
-                             self.args.micro_batch_size, scale, compile=self.args.compile, autocast=self.autocast)
+        stats = sft_backward(self.train_model, reasoning, evaluation, self.score_head, self.sft_cfg, self.tok.pad_id,
+                             self.args.micro_batch_size, scale * self.grad_scale, compile=self.args.compile,
+                             autocast=self.autocast, reduce=self.ctx.sum)
         stats["tokens"] = sum(len(s) for s in reasoning) + sum(len(e.sequence) for e in evaluation)
         return stats
 
     def refresh_evaluation_track(self):
         """Answer training prompts with the current model, stopping at the marker as inference does,
-        and add the graded answers to the evaluation track."""
+        and add the graded answers to the evaluation track. Each process answers its part of the
+        prompts, and every process adds all answers, in the order of one process."""
         rows = self.sampler.next(self.args.eval_track_samples)
         prompts = [prompt_ids(self.tok, format_prompt(self.args.data, r)) for r in rows]
-        self.model.eval()
-        with torch.no_grad(), self.autocast:
-            out = generate(self.model, prompts, self.args.max_new_tokens, stop_ids=[self.tok.marker_id, self.tok.eos_id],
-                           pad_id=self.tok.pad_id, temperature=self.args.eval_track_temperature,
-                           generator=self.generator)
-        self.model.train()
-        for row, prompt, ids in zip(rows, prompts, out.tokens):
+        part = self.ctx.shard(len(rows))
+        completions = []
+        with distributed.full_weights(self.model):
+            if part:
+                self.model.eval()
+                with torch.no_grad(), self.autocast:
+                    out = generate(self.model, [prompts[i] for i in part], self.args.max_new_tokens,
+                                   stop_ids=[self.tok.marker_id, self.tok.eos_id], pad_id=self.tok.pad_id,
+                                   temperature=self.args.eval_track_temperature,
+                                   row_keys=[row_key(self.args.seed, "evaluation track", self.step, i) for i in part])
+                self.model.train()
+                completions = out.tokens
+        completions = self.ctx.gather(completions)
+        for row, prompt, ids in zip(rows, prompts, completions):
             self.add_sample(row, prompt, ids)
 
     def add_sample(self, row, prompt, completion):
@@ -605,7 +648,11 @@ class Trainer:
         so it changes neither the weights nor the optimizer state."""
         self.optimizer.zero_grad(set_to_none=True)
         stats = backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf")).item()
+        # the gradients are the same on every process here, so the norm and the decision to skip are too
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
         losses = {key: stats[key] for key in ("sft_loss", "grpo_loss") if key in stats}
         if math.isfinite(grad_norm) and all(math.isfinite(v) for v in losses.values()):
             self.optimizer.step()
@@ -625,17 +672,27 @@ class Trainer:
         """Sample a batch of rollouts, then run cfg.inner_steps optimizer updates on it (each with a
         fresh SFT batch in hybrid). Returns the rollout statistics and the updates' mean statistics."""
         cfg = self.grpo_cfg
+        G = cfg.group_size
         rows = self.sampler.next(cfg.prompts_per_step)
-        with self.autocast:
-            rollouts = collect_rollouts(self.model, self.tok, self.args.data, rows, cfg, self.weights, self.generator)
+        # this process's prompts, each with its whole group, so advantages need no communication.
+        # The keys make each sample's draws independent of which process samples it.
+        part = self.ctx.shard(len(rows))
+        keys = [row_key(self.args.seed, "rollout", self.step, i, j) for i in part for j in range(G)]
+        with self.autocast, distributed.full_weights(self.model):
+            rollouts = collect_rollouts(self.model, self.tok, self.args.data, [rows[i] for i in part], cfg,
+                                        self.weights, self.generator, row_keys=keys)
         if with_sft and self.args.eval_track_from_rollouts:
-            for row, prompt, completion in zip(rollouts.rows, rollouts.prompts, rollouts.completions):
-                self.add_sample(row, prompt, completion)
+            # every process adds the rollouts of all, in the order of one process
+            owners = [i for i in part for _ in range(G)]  # (B,) the prompt index of each local sample
+            prompts = [prompt_ids(self.tok, format_prompt(self.args.data, row)) for row in rows]
+            for i, completion in self.ctx.gather(list(zip(owners, rollouts.completions))):
+                self.add_sample(rows[i], prompts[i], completion)
         batches = micro_batches(rollouts, cfg, self.device)
         rollout_tokens = sum(len(s) for s in rollouts.sequences)
 
         def backward():
-            stats = grpo_backward(self.model, self.ref_model, batches, cfg, autocast=self.autocast)
+            stats = grpo_backward(self.train_model, self.ref_model, batches, cfg, scale=self.grad_scale,
+                                  autocast=self.autocast, reduce=self.ctx.sum)
             stats["tokens"] = rollout_tokens
             if with_sft:
                 sft = self.sft_backward(scale=self.args.lambda_sft)
@@ -649,8 +706,22 @@ class Trainer:
         stats["grpo_sampler_logprob_error"] = updates[0]["grpo_sampler_logprob_error"]
         stats["tokens"] = sum(u["tokens"] for u in updates)
         stats["skipped_updates"] = sum(u["skipped_updates"] for u in updates)
-        stats.update(rollout_stats(rollouts, cfg.group_size, cfg.mask_truncated))
+        stats.update(rollout_stats(self.gather_rollouts(rollouts), cfg.group_size, cfg.mask_truncated))
         return stats
+
+    def gather_rollouts(self, rollouts):
+        """Return the rollouts of every process with the fields that rollout_stats reads, in the
+        order of one process. In a single process, return `rollouts` itself."""
+        if not self.ctx.enabled:
+            return rollouts
+        names = list(rollouts.rewards)
+        local = [(rollouts.completions[b], rollouts.stopped[b], rollouts.predicted[b], rollouts.total[b].item(),
+                  bool(rollouts.flat[b]), [rollouts.rewards[name][b].item() for name in names])
+                 for b in range(len(rollouts.completions))]
+        completions, stopped, predicted, total, flat, values = zip(*self.ctx.gather(local))
+        return SimpleNamespace(completions=list(completions), stopped=list(stopped), predicted=list(predicted),
+                               total=torch.tensor(total), flat=torch.tensor(flat),
+                               rewards={name: torch.tensor([v[k] for v in values]) for k, name in enumerate(names)})
 
     # stages -------------------------------------------------------------------------------------
 
@@ -661,12 +732,14 @@ class Trainer:
         updates in a row.
         """
         first = self.stage_index
-        with open(self.out / "metrics.jsonl", "a") as self.metrics_file:
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.ctx.is_main else nullcontext()
+        with metrics_file as self.metrics_file:
             for index in range(first, len(stages)):
                 stage = stages[index]
                 if index != first or self.stage_step == 0:  # else a checkpoint resumed this stage
-                    if index != first and stop.signum is not None:
-                        raise Interrupted(stop.signum)  # the previous stage's last checkpoint is saved
+                    signum = self.stop_signal(stop)
+                    if index != first and signum is not None:
+                        raise Interrupted(signum)  # the previous stage's last checkpoint is saved
                     self.start_stage(index, stage)
                 self.run_steps(stage, last=index == len(stages) - 1, stop=stop)
                 self.optimizer = self.ref_model = None
@@ -675,6 +748,13 @@ class Trainer:
                     self.summary["after_sft_warmup"] = metrics
                     log.info("after SFT warm-up: %s", json.dumps(metrics))
 
+    def stop_signal(self, stop: StopSignals) -> int | None:
+        """Return the signal that asked the run to stop, on every process when any of them got one
+        (torchrun passes a signal to each worker, but not at the same moment), else None."""
+        if not self.ctx.enabled:
+            return stop.signum
+        return int(self.ctx.max([stop.signum or 0])[0]) or None
+
     def start_stage(self, index: int, stage: Stage):
         if stage.warmup:
             log.info("no --init: running %d dual-track SFT steps before %s, so the policy writes the format",
@@ -682,8 +762,25 @@ class Trainer:
         self.stage_index, self.stage_step = index, 0
         self.optimizer = self.new_optimizer(stage)
         if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.ref_model = self.frozen_copy()
             self.reference_step = self.step
+
+    def frozen_copy(self) -> Transformer:
+        """Return a copy of the model that does not train, sharded like it under FSDP2."""
+        if not distributed.is_sharded(self.model):
+            return copy.deepcopy(self.model).eval().requires_grad_(False)
+        # built on the meta device and sharded the same way, so that each process copies only its
+        # own shards and never holds the whole model
+        with torch.device("meta"):
+            copied = Transformer(self.model.config)
+        distributed.shard_model(copied, self.args.dtype)
+        copied.to_empty(device=self.device)
+        with torch.no_grad():
+            for target, source in zip(copied.parameters(), self.model.parameters()):
+                target.to_local().copy_(source.to_local())
+            for target, source in zip(copied.buffers(), self.model.buffers()):
+                target.copy_(source)
+        return copied.eval().requires_grad_(False)
 
     def new_optimizer(self, stage: Stage) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=stage.peak_lr, weight_decay=self.args.weight_decay,
@@ -693,14 +790,16 @@ class Trainer:
         """Run the stage's remaining steps, each followed by its metrics line and, when due, a checkpoint."""
         args = self.args
         self.model.train()
-        bar = tqdm(range(self.stage_step, stage.steps), desc=stage.phase, dynamic_ncols=True, disable=None,
+        bar = tqdm(range(self.stage_step, stage.steps), desc=stage.phase, dynamic_ncols=True,
+                   disable=None if self.ctx.is_main else True,
                    initial=self.stage_step, total=stage.steps)
         for stage_step in bar:
             record = self.train_step(stage, stage_step)
             self.stage_step, self.step = stage_step + 1, self.step + 1
             record = {"step": self.step, **record}
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+            if self.metrics_file is not None:
+                self.metrics_file.write(json.dumps(record) + "\n")
+                self.metrics_file.flush()
             if stage_step % args.log_every == 0 or stage_step == stage.steps - 1:
                 log.info(format_log_line(record, stage_step, stage.steps))
             bar.set_postfix(loss=f"{record['loss']:.3f}")
@@ -711,10 +810,11 @@ class Trainer:
             # a checkpoint right after a skipped update is left out, so that a run that goes on to
             # fail keeps the checkpoints from before its non-finite updates
             due = args.save_every and self.step % args.save_every == 0 and self.bad_in_a_row == 0
-            if due or stage_done or stop.signum is not None:
+            signum = self.stop_signal(stop)
+            if due or stage_done or signum is not None:
                 self.save_checkpoint(stage, finished=stage_done and last)
-            if stop.signum is not None:
-                raise Interrupted(stop.signum)
+            if signum is not None:
+                raise Interrupted(signum)
 
     def train_step(self, stage: Stage, stage_step: int) -> dict:
         """One optimizer step of `stage` (with --inner-steps, one batch of rollouts); returns its metrics."""
@@ -734,7 +834,7 @@ class Trainer:
             stats = self.rl_step(with_sft=stage.phase == "hybrid")
             stats["loss"] = stats["grpo_loss"] + (args.lambda_sft * stats["sft_loss"] if stage.phase == "hybrid" else 0)
         dt = time.perf_counter() - t0
-        stats["tokens_per_s"] = stats.pop("tokens") / dt
+        stats["tokens_per_s"] = self.ctx.sum([stats.pop("tokens")])[0] / dt
         return {"phase": stage.phase, "lr": lr, "dt": dt, **stats}
 
     def bad_updates_message(self) -> str:
@@ -749,8 +849,25 @@ class Trainer:
     # checkpoints --------------------------------------------------------------------------------
 
     def save_checkpoint(self, stage: Stage, finished: bool):
-        """Write everything that the steps after this one depend on (see train_state.py)."""
+        """Write everything that the steps after this one depend on (see train_state.py).
+
+        Rank 0 writes it alone, in the single-process format. Every process has the same RNG
+        states, data position and evaluation track, and under DistributedDataParallel also the same
+        weights and optimizer state. Under FSDP2 rank 0 gathers those from the shards first. So one
+        copy restores a run with any number of processes, with or without FSDP2.
+        """
         t0 = time.perf_counter()
+        training = self.stage_step < stage.steps  # the optimizer and the reference are needed only within a stage
+        # under FSDP2 these gather the shards on rank 0, which every process takes part in
+        model = plain_model(self.model)
+        reference = plain_model(self.ref_model) if training and self.ref_model is not None else None
+        optimizer = None
+        if training:
+            sharded = distributed.is_sharded(self.model)
+            optimizer = distributed.full_optimizer_state(self.model, self.optimizer) if sharded else self.optimizer
+        if not self.ctx.is_main:
+            self.saved_folder = self.checkpoints.root / f"step-{self.step:06d}"
+            return
         tensors, rng_values = rng_state(self.generator, self.rng)
         state = {
             "format": STATE_FORMAT,
@@ -769,14 +886,13 @@ class Trainer:
             "reference_step": self.reference_step,
             "options": vars(self.args),
             "device_type": self.device.type,
+            "world_size": self.ctx.world_size,
             "data_sha256": self.data_sha256,
         }
-        reference = None
-        if self.stage_step < stage.steps:  # the optimizer and the reference are needed only within a stage
-            optimizer_tensors, state["optimizer"] = optimizer_state(self.optimizer)
+        if training:
+            optimizer_tensors, state["optimizer"] = optimizer_state(optimizer)
             tensors.update(optimizer_tensors)
-            reference = self.ref_model
-        self.saved_folder = self.checkpoints.save(self.step, self.model, self.tok, state, tensors, reference,
+        self.saved_folder = self.checkpoints.save(self.step, model, self.tok, state, tensors, reference,
                                                   self.reference_step)
         log.info("checkpoint: %s (%.2fs)", self.saved_folder, time.perf_counter() - t0)
 
@@ -793,19 +909,34 @@ class Trainer:
         stage = stages[self.stage_index]
         if self.stage_step < stage.steps:
             self.optimizer = self.new_optimizer(stage)
-            load_optimizer_state(self.optimizer, checkpoint.tensors, state["optimizer"])
+            if distributed.is_sharded(self.model):
+                saved = optimizer_state_dict(checkpoint.tensors, state["optimizer"])
+                distributed.load_full_optimizer_state(self.model, self.optimizer, saved)
+            else:
+                load_optimizer_state(self.optimizer, checkpoint.tensors, state["optimizer"])
             if stage.phase in ("rl", "hybrid") and self.args.kl_coef > 0:
                 if checkpoint.reference is None:
                     raise CheckpointError(f"{checkpoint.folder / 'manifest.json'}: names no reference model, which "
                                           f"the {stage.phase} stage needs for its KL penalty")
                 self.ref_model = checkpoint.reference.to(self.device)
+                if distributed.is_sharded(self.model):
+                    self.ref_model = distributed.shard_model(self.ref_model, self.args.dtype)
         set_rng_state(checkpoint.tensors, state["rng"], self.generator, self.rng)
         self.saved_folder = checkpoint.folder
 
-    def evaluate(self):
-        with self.autocast:
-            return evaluate(self.model, self.tok, self.args.data, self.test_rows, self.weights,
-                            self.args.eval_batch_size, self.args.max_new_tokens, self.args.max_evaluation_tokens)
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """Answer and grade the held-out rows; returns (metrics, one record per row) on every
+        process. Each process answers its contiguous part of the rows."""
+        rows = [self.test_rows[i] for i in self.ctx.shard(len(self.test_rows))]
+        records = []
+        with distributed.full_weights(self.model):
+            if rows:
+                with self.autocast:
+                    records = answer_and_grade(self.model, self.tok, self.args.data, rows, self.weights,
+                                               self.args.eval_batch_size, self.args.max_new_tokens,
+                                               self.args.max_evaluation_tokens)
+        records = self.ctx.gather(records)
+        return summarize(records), records
 
 
 def format_log_line(record: dict, stage_step: int, steps: int) -> str:
@@ -849,7 +980,8 @@ def load_data(args) -> tuple[list[Row], list[Row], int | None]:
     return train_rows, test_rows, len(invalid)
 
 
-def open_checkpoint(args, store: CheckpointStore, device: torch.device, data_sha256: str) -> Checkpoint | None:
+def open_checkpoint(args, store: CheckpointStore, device: torch.device, data_sha256: str,
+                    world_size: int = 1) -> Checkpoint | None:
     """With --resume, load the newest usable checkpoint and check that it belongs to these options
     and data; None when the run stopped before its first checkpoint. Without --resume, exit rather
     than overwrite an unfinished run. Exits with a message on every problem."""
@@ -878,6 +1010,12 @@ def open_checkpoint(args, store: CheckpointStore, device: torch.device, data_sha
     if checkpoint.state["device_type"] != device.type:
         log.warning("--resume: the run trained on %s and goes on on %s, so its numbers will differ from an "
                     "uninterrupted run by rounding", checkpoint.state["device_type"], device.type)
+    # every process has the whole state, so a checkpoint restores any number of them
+    saved_world_size = checkpoint.state.get("world_size", 1)
+    if saved_world_size != world_size:
+        log.warning("--resume: the run trained with %d processes and goes on with %d; each step still trains on "
+                    "the same global batch, but its numbers will differ from an uninterrupted run by rounding",
+                    saved_world_size, world_size)
     return checkpoint
 
 
@@ -897,63 +1035,164 @@ def keep_metrics_until(path: Path, step: int):
     atomic_write(path, lambda tmp: tmp.write_text("".join(lines)))
 
 
+def plain_model(model: Transformer) -> Transformer | None:
+    """Return `model`, or for an FSDP2 model a plain CPU copy of its weights on rank 0 and None on
+    the other ranks. Under FSDP2 every process must call it, because it gathers the shards."""
+    if not distributed.is_sharded(model):
+        return model
+    # NOTE: rank 0 holds the whole model in CPU memory for each checkpoint, which bounds the model size
+    weights = distributed.full_state_dict(model, rank0_only=True)
+    if not weights:
+        return None
+    copied = Transformer(model.config)
+    copied.load_state_dict(weights)
+    return copied
+
+
+def on_main(ctx: Dist, fn):
+    """Run `fn` on rank 0 only and return its picklable result on every rank. When `fn` exits
+    with sys.exit, every rank exits, and only rank 0 prints the message."""
+    if not ctx.enabled:
+        return fn()
+    outcome = None
+    if ctx.is_main:
+        try:
+            outcome = ("value", fn())
+        except SystemExit as e:
+            outcome = ("exit", e.code)
+    kind, value = ctx.broadcast(outcome)
+    if kind == "exit":
+        raise SystemExit(value if ctx.is_main or not isinstance(value, str) else 1)
+    return value
+
+
+def check_world_size(args, ctx: Dist, stages: list[Stage]):
+    """Exit unless each batch that a stage splits over the processes divides evenly among them."""
+    if ctx.world_size == 1:
+        return
+    names = ["prompts_per_step"] if any(stage.phase in ("rl", "hybrid") for stage in stages) else []
+    if any(stage.phase in ("sft", "hybrid") for stage in stages):
+        names += ["batch_size", "eval_track_batch_size"]
+    for name in names:
+        value = getattr(args, name)
+        if value % ctx.world_size:
+            sys.exit(f"error: --{name.replace('_', '-')} {value} does not divide evenly among {ctx.world_size} "
+                     f"processes; use a multiple of {ctx.world_size}" if ctx.is_main else 1)
+
+
 def main(argv=None):
     started = time.time()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    ctx = distributed.setup(args.device)
+    # A SystemExit's traceback would keep train()'s frames, and so DistributedDataParallel, alive
+    # past teardown. See distributed.teardown for why DDP must be gone first. So only the exit
+    # code is kept, and the exception with its frames is dropped before teardown.
+    exited, code = False, None
+    try:
+        train(args, ctx, started)
+    except SystemExit as e:
+        exited, code = True, e.code
+    distributed.teardown(ctx)
+    if exited:
+        sys.exit(code)
+
+
+def train(args, ctx: Dist, started: float):
+    """Run the whole training of main(); every process of a torchrun job calls it."""
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.ERROR, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    if ctx.enabled:
+        log.info("distributed: %d processes, backend %s, device %s on rank 0", ctx.world_size,
+                 torch.distributed.get_backend(), ctx.device)
     out = Path(args.out)
     seed_everything(args.seed)
-    device = select_device(args.device)
+    device = ctx.device
+    stages = plan_stages(args)
+    check_world_size(args, ctx, stages)
+    if args.fsdp and not ctx.enabled:
+        sys.exit("error: --fsdp shards the model over the processes that torchrun starts; run "
+                 "torchrun --nproc_per_node N train.py --fsdp ..., or leave out --fsdp")
 
     # everything that can reject the input runs before the run directory's files are replaced
     weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
     train_rows, test_rows, skipped_rows = load_data(args)
     log.info("data: %s, %d training rows, %d held-out rows", args.data, len(train_rows), len(test_rows))
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     store = CheckpointStore(out / "checkpoints", args.keep)
-    checkpoint = open_checkpoint(args, store, device, rows_sha256(train_rows, test_rows))
+    data_sha256 = rows_sha256(train_rows, test_rows)
+
+    # rank 0 picks the checkpoint, since choosing may rename damaged folders; the others load it
+    checkpoint = None
+
+    def choose_checkpoint():
+        nonlocal checkpoint
+        checkpoint = open_checkpoint(args, store, device, data_sha256, ctx.world_size)
+        return None if checkpoint is None else checkpoint.folder
+
+    folder = on_main(ctx, choose_checkpoint)
+    if folder is not None and not ctx.is_main:
+        try:
+            checkpoint = store.load(folder)
+        except CheckpointError as e:
+            sys.exit(f"error: --resume: rank {ctx.rank}: {e}")
     try:
         if checkpoint is not None:
             tok, model = checkpoint.tokenizer, checkpoint.model
-        else:
+        elif args.init:
             tok, model = build_model(args, train_rows, weights, out)
+        else:
+            # rank 0 trains the tokenizer or reads its cache, so that only it writes in --out
+            tok = on_main(ctx, lambda: scratch_tokenizer(args, train_rows, weights, out))
+            model = scratch_model(args, tok)
         score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
-    trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, device, out, store)
-    stages = plan_stages(args)
+    if args.fsdp:
+        # NOTE: each process builds or loads the whole model before sharding it, so host and device
+        # memory must hold one full float32 copy per process at start-up and at resume
+        distributed.shard_model(model, args.dtype)
+    trainer = Trainer(args, tok, model, score_head, train_rows, test_rows, weights, ctx, out, store)
     if checkpoint is not None:
         try:
             trainer.restore(checkpoint, stages)
         except CheckpointError as e:
             sys.exit(f"error: --resume: {e}")
 
-    # the run directory's files change from here on
+    # the run directory's files change from here on, written by rank 0 only
     if checkpoint is not None:
-        keep_metrics_until(out / "metrics.jsonl", checkpoint.step)
         log.info("resumed from %s: step %d, %d of %d steps into %s", checkpoint.folder, trainer.step,
                  trainer.stage_step, stages[trainer.stage_index].steps, stages[trainer.stage_index].phase)
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        store.clear()  # a finished earlier run's checkpoints, or a killed first write
-    write_json(out / "run_config.json", vars(args))
+    if ctx.is_main:
+        if checkpoint is not None:
+            keep_metrics_until(out / "metrics.jsonl", checkpoint.step)
+        else:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            store.clear()  # a finished earlier run's checkpoints, or a killed first write
+        write_json(out / "run_config.json", vars(args))
     log.info("evaluation track: %s", trainer.eval_track.stats())
 
     with StopSignals() as stop:
         try:
             trainer.run(stages, stop)
         except Interrupted as e:
-            log.warning("stopped by %s after step %d; newest checkpoint: %s. Resume with: python train.py --resume "
-                        "--out %s", e, trainer.step, trainer.saved_folder, shlex.quote(str(out)))
+            launcher = "torchrun ... train.py" if ctx.enabled else "python train.py"
+            log.warning("stopped by %s after step %d; newest checkpoint: %s. Resume with: %s --resume --out %s",
+                        e, trainer.step, trainer.saved_folder, launcher, shlex.quote(str(out)))
             sys.exit(128 + e.signum)
         except TrainingError as e:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {e}" if ctx.is_main else 1)
 
     metrics, records = trainer.evaluate()
+    model = plain_model(model)  # under FSDP2, gathers the weights on rank 0
+    if not ctx.is_main:
+        return
     summary = {**trainer.summary, **metrics}
     summary.update({"phase": args.phase, "data": args.data, "steps": args.steps, "evaluation_track": trainer.eval_track.stats(),
                     "skipped_updates": trainer.skipped_updates, "wall_seconds": time.time() - started})
+    if ctx.enabled:
+        summary["world_size"] = ctx.world_size
     if skipped_rows is not None:
         summary["skipped_rows"] = skipped_rows
     if checkpoint is not None:

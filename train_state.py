@@ -325,10 +325,10 @@ def pause_for_tests(step: int):
 # optimizer and RNG state ---------------------------------------------------------------------
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split optimizer.state_dict() into safetensors tensors ("optimizer.{index}.{key}") and the
-    JSON-serialisable rest (parameter groups and non-tensor state)."""
-    saved = optimizer.state_dict()
+def optimizer_state(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split optimizer.state_dict(), or such a dict itself, into safetensors tensors
+    ("optimizer.{index}.{key}") and the JSON-serialisable rest (parameter groups and non-tensor state)."""
+    saved = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, other = {}, defaultdict(dict)
     for index, values in saved["state"].items():
         for key, value in values.items():
@@ -341,6 +341,11 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.T
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict):
     """Inverse of optimizer_state(); the optimizer moves each tensor to its parameter's device."""
+    optimizer.load_state_dict(optimizer_state_dict(tensors, saved))
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    """Rebuild the optimizer.state_dict() that optimizer_state() split."""
     state = defaultdict(dict)
     for name, tensor in tensors.items():
         if name.startswith("optimizer."):
@@ -350,7 +355,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         state[int(index)].update(values)
     # JSON turned AdamW's betas tuple into a list
     groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()} for group in saved["param_groups"]]
-    optimizer.load_state_dict({"state": dict(state), "param_groups": groups})
+    return {"state": dict(state), "param_groups": groups}
 
 
 def rng_state(generator: torch.Generator, rng: random.Random) -> tuple[dict[str, torch.Tensor], dict]:

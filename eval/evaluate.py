@@ -32,6 +32,15 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
 def evaluate(model, tok: Tokenizer, task: str, rows: list[Row], weights: rewards.RewardWeights,
              batch_size: int = 64, max_new_tokens: int = 96, max_evaluation_tokens: int = 48):
     """Returns (metrics dict, one record per row)."""
+    records = answer_and_grade(model, tok, task, rows, weights, batch_size, max_new_tokens, max_evaluation_tokens)
+    return summarize(records), records
+
+
+@torch.no_grad()
+def answer_and_grade(model, tok: Tokenizer, task: str, rows: list[Row], weights: rewards.RewardWeights,
+                     batch_size: int = 64, max_new_tokens: int = 96, max_evaluation_tokens: int = 48) -> list[dict]:
+    """Answer `rows` greedily, continue the answers past the marker, and grade them: one record per
+    row. Processes of a data-parallel run each call it on their part of the rows."""
     was_training = model.training
     model.eval()
     records = []
@@ -62,7 +71,11 @@ def evaluate(model, tok: Tokenizer, task: str, rows: list[Row], weights: rewards
                 "predicted_reward": scores.predicted,
             })
     model.train(was_training)
+    return records
 
+
+def summarize(records: list[dict]) -> dict:
+    """Compute the held-out metrics from the records of answer_and_grade."""
     n = len(records)
     predicted = [r for r in records if r["predicted_reward"] is not None]
     metrics = {
@@ -78,4 +91,4 @@ def evaluate(model, tok: Tokenizer, task: str, rows: list[Row], weights: rewards
         # does a higher predicted reward go with a right answer?
         "correctness_auroc": auroc([r["predicted_reward"] for r in predicted], [bool(r["accuracy"]) for r in predicted]),
     }
-    return metrics, records
+    return metrics

@@ -2,8 +2,15 @@
 
 Each prompt is prefilled once and its cache is shared by its `num_samples` rows (the G samples of
 a GRPO group). Rows that hit a stop id leave the batch, so finished rows stop costing compute.
+
+Randomness comes either from a torch.Generator, whose draws depend on which rows share the batch,
+or from one integer key per output row (`row_keys`). With keys, the uniform number behind each
+draw is a hash of (key, position), so a row samples the same ids whichever rows share its batch.
+The trainer uses keys, which lets several processes that each sample a part of a batch
+reproduce one process that samples all of it.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +38,44 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Draw one id per row from (N, V) log-probs: greedy at temperature 0, else nucleus sampling."""
+_MASK32 = 0xFFFFFFFF
+
+
+def row_key(*parts: int | str) -> int:
+    """Return a 32-bit sampling key for one output row from values that name it, such as
+    (seed, purpose, step, prompt index, sample index)."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=4).digest(), "little")
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Hash int64 values holding 32-bit integers to 32-bit integers with xorshift-multiply rounds.
+    A product wraps modulo 2^64 in int64, and masking keeps its low 32 bits, which are the 32-bit
+    product."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """(A,) int64 row keys -> (A,) float64 uniform numbers in [0, 1) with 52 random bits, a pure
+    function of (key, position)."""
+    high = _mix32(keys ^ _mix32(torch.full_like(keys, 2 * position)))
+    low = _mix32(keys ^ _mix32(torch.full_like(keys, 2 * position + 1)))
+    return ((high << 20) | (low >> 12)).double() / 2.0 ** 52
+
+
+def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, generator=None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one id per row from (N, V) log-probs: greedy at temperature 0, else nucleus sampling.
+
+    With `uniforms` ((N,) numbers in [0, 1)), row i takes the id where the cumulative probability
+    passes uniforms[i] (inverse-CDF sampling), so its draw uses no other row's numbers. Without
+    them, torch.multinomial draws from `generator`.
+    """
     if temperature == 0:
         return logprobs.argmax(-1)
     probs = logprobs.exp()
@@ -42,16 +85,23 @@ def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, genera
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    # u < 1 - 2^-52, so the threshold stays below cdf[:, -1], and the first id whose cumulative
+    # probability exceeds it has a probability above 0
+    threshold = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]  # (N, 1)
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
              pad_id: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None, row_keys: list[int] | None = None) -> Generation:
     """Sample continuations of `prompts`; row i * num_samples + j is sample j of prompt i.
 
     stop_ids: ids that end every row, or one list of ids per output row.
+    row_keys: one sampling key per output row (see row_key); when given, `generator` is unused.
     """
     device = model.lm_head.weight.device
     N, G = len(prompts), num_samples
@@ -65,6 +115,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if largest_id >= embedding_rows:
         raise ValueError(f"token id {largest_id} in the prompts or pad_id is out of range for the embedding "
                          f"matrix ({embedding_rows} rows); resize the model's embeddings to fit the tokenizer")
+    if row_keys is not None and len(row_keys) != rows:
+        raise ValueError(f"row_keys has {len(row_keys)} keys, expected one per output row ({rows})")
     width = max(1, max(len(s) for s in stop_ids))
     stops = torch.tensor([list(s) + [-1] * (width - len(s)) for s in stop_ids], device=device)  # (rows, S)
 
@@ -88,9 +140,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(rows, device=device)  # output rows still generating, in cache order
+    keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.long, device=device)  # (rows,)
     for step in range(max_new_tokens):
         step_logprobs = sampling_logprobs(logits, temperature)  # (A, V)
-        next_ids = sample_next(step_logprobs, temperature, top_p, generator)  # (A,)
+        uniforms = None if keys is None or temperature == 0 else keyed_uniforms(keys[active], step)  # (A,)
+        next_ids = sample_next(step_logprobs, temperature, top_p, generator, uniforms)  # (A,)
         tokens[active, step] = next_ids
         logprobs[active, step] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
         lengths[active] += 1

@@ -141,10 +141,12 @@ def flat_groups(rewards_: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect_rollouts(model, tok: Tokenizer, task: str, rows: list[Row], cfg: GRPOConfig,
                      weights: rewards.RewardWeights, generator: torch.Generator | None = None,
-                     reward_fns: dict[str, tuple[RewardFn, float]] | None = None) -> Rollouts:
+                     reward_fns: dict[str, tuple[RewardFn, float]] | None = None,
+                     row_keys: list[int] | None = None) -> Rollouts:
     """Sample G completions per row to EOS, score them and compute their advantages.
 
-    The sampled ids are kept as they are: training never re-encodes the decoded text.
+    The sampled ids are kept as they are: training never re-encodes the decoded text. `row_keys`
+    (one per sample, see model.generate.row_key) replaces `generator` as the source of randomness.
     """
     G = cfg.group_size
     fns = reward_fns or white_box_reward_fns(task, weights)
@@ -152,7 +154,8 @@ def collect_rollouts(model, tok: Tokenizer, task: str, rows: list[Row], cfg: GRP
     was_training = model.training
     model.eval()
     out = generate(model, prompts, cfg.max_new_tokens, stop_ids=[tok.eos_id], pad_id=tok.pad_id,
-                   num_samples=G, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
+                   num_samples=G, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+                   row_keys=row_keys)
     model.train(was_training)
 
     rows_b = [row for row in rows for _ in range(G)]
@@ -218,7 +221,7 @@ def micro_batches(rollouts: Rollouts, cfg: GRPOConfig, device) -> list[MicroBatc
 
 
 def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, scale: float = 1.0,
-                  autocast=None) -> dict:
+                  autocast=None, reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
     """Run forward and backward of the GRPO loss over all micro-batches of one optimizer update; the
     gradients accumulate in the parameters. Returns the step's statistics.
 
@@ -226,8 +229,13 @@ def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, 
     inner step the old log-probs are the detached training log-probs, so the importance ratio is
     exactly 1; later inner steps reuse them. `scale` multiplies the loss (1 unless combined), and
     `autocast`, a context manager, wraps the forward passes but not the backward ones.
+
+    In data-parallel training each process has a part of the step's rows, and `reduce` sums a
+    list of numbers over the processes. It makes the normaliser and the returned statistics those of
+    the whole step, so the per-process losses add up to the single-process loss.
     """
-    normaliser = loss_normaliser([b.mask for b in batches], cfg.loss_agg, cfg.max_new_tokens)
+    reduce = reduce or list
+    normaliser = reduce([loss_normaliser([b.mask for b in batches], cfg.loss_agg, cfg.max_new_tokens)])[0]
     use_kl = ref_model is not None and cfg.kl_coef > 0
     sums = dict.fromkeys(["loss", "policy_loss", "kl", "clip_low", "clip_high", "entropy", "ratio",
                           "sampler_logprob_error"], 0.0)
@@ -266,7 +274,9 @@ def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, 
             sums["clip_high"] += clipped_high.sum().item()
             sums["ratio"] += torch.where(b.mask, ratio, zeros).sum().item()
             sums["entropy"] += distribution_entropy(distribution[b.mask]).sum().item()
-    tokens = sum(int(b.mask.sum()) for b in batches)
+    names = list(sums)
+    *totals, tokens = reduce([sums[k] for k in names] + [sum(int(b.mask.sum()) for b in batches)])
+    sums, tokens = dict(zip(names, totals)), int(tokens)
     stats = {f"grpo_{k}": v if k in ("loss", "policy_loss") else v / max(tokens, 1) for k, v in sums.items()}
     stats["grpo_tokens"] = tokens
     return stats

@@ -12,6 +12,7 @@ with L_score the score regression of pcl.losses.
 """
 
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
 import re
 from collections import deque
@@ -188,7 +189,7 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
     normalisers; by default they are counted on this batch, so each term is a mean over its own
     positions. `reference` uses the eager score regression.
     """
-    device = model.lm_head.weight.device
+    device = next(model.parameters()).device  # also when a DistributedDataParallel wraps the model
     counts = counts or sft_counts(reasoning, evaluation)
     sequences = reasoning + [e.sequence for e in evaluation]
     input_ids, segment_ids = collate(sequences, pad_id, device)  # (B, T)
@@ -220,11 +221,17 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
 
 def sft_backward(model, reasoning: list[Sequence], evaluation: list[EvalExample], score_head: ScoreHead | None,
                  cfg: SFTConfig, pad_id: int, micro_batch_size: int = 0, scale: float = 1.0,
-                 compile: bool = True, autocast=None) -> dict:
+                 compile: bool = True, autocast=None, reduce: Callable[[list[float]], list[float]] | None = None) -> dict:
     """Run forward and backward of scale * L_sft in micro-batches of `micro_batch_size` rows (0: one pass);
     the gradients accumulate in the parameters. The normalisers are counted over the whole batch
-    first, so the gradient does not depend on the split. Returns the step's statistics."""
-    counts = sft_counts(reasoning, evaluation)
+    first, so the gradient does not depend on the split. Returns the step's statistics.
+
+    In data-parallel training, `reduce` sums a list of numbers over the processes, so that the
+    normalisers and the statistics are those of the whole step's batch, not of this process's part.
+    """
+    reduce = reduce or list
+    local = sft_counts(reasoning, evaluation)
+    counts = dict(zip(local, (int(c) for c in reduce(list(local.values())))))
     items = [(True, r) for r in reasoning] + [(False, e) for e in evaluation]
     size = micro_batch_size or len(items)
     total = {"sft_loss": 0.0, "sft_reason": 0.0, "sft_eval": 0.0, "sft_score": 0.0, "sft_tokens": 0}
@@ -237,4 +244,6 @@ def sft_backward(model, reasoning: list[Sequence], evaluation: list[EvalExample]
         total["sft_loss"] += loss.item()
         for key, value in stats.items():
             total[key] += value
+    total = dict(zip(total, reduce(list(total.values()))))
+    total["sft_tokens"] = int(total["sft_tokens"])
     return total

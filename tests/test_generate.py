@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.generate import generate, sample_next, sampling_logprobs
+from model.generate import generate, keyed_uniforms, row_key, sample_next, sampling_logprobs
 from pcl.losses import token_logprobs
 from pcl.sequence import Segment, Sequence, collate
 
@@ -280,3 +280,34 @@ def test_sampling_logprobs_greedy_unscaled():
     result = sampling_logprobs(logits, 0.0)
     assert result.dtype == torch.float32
     torch.testing.assert_close(result, torch.log_softmax(logits.float(), dim=-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyed sampling
+
+
+def test_keyed_sampling_ignores_batch(model):
+    # a row's draws depend on its key only, so sampling a part of the batch gives the same rows
+    keys = [row_key(0, "test", i, j) for i in range(len(PROMPTS)) for j in range(2)]
+    whole = generate(model, PROMPTS, max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=2, temperature=1.0,
+                     row_keys=keys)
+    part = generate(model, PROMPTS[1:], max_new_tokens=8, stop_ids=[], pad_id=PAD, num_samples=2, temperature=1.0,
+                    row_keys=keys[2:])
+    assert part.tokens == whole.tokens[2:]
+    assert len({tuple(t) for t in whole.tokens}) > 1
+
+
+def test_keyed_sampling_frequencies():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logprobs = probs.log().expand(4000, 4)
+    uniforms = keyed_uniforms(torch.tensor([row_key(0, i) for i in range(4000)]), position=3)
+    drawn = sample_next(logprobs, temperature=1.0, top_p=1.0, uniforms=uniforms)
+    # over 4000 draws the std of each observed frequency is at most about 0.008
+    torch.testing.assert_close(torch.bincount(drawn, minlength=4) / 4000, probs[0], atol=0.03, rtol=0)
+    nucleus = sample_next(logprobs, temperature=1.0, top_p=0.7, uniforms=uniforms)
+    assert set(nucleus.tolist()) == {0, 1}
+
+
+def test_row_keys_length_checked(model):
+    with pytest.raises(ValueError, match="row_keys has 1 keys, expected one per output row"):
+        generate(model, PROMPTS, max_new_tokens=2, stop_ids=[], pad_id=PAD, temperature=1.0, row_keys=[1])
