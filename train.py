@@ -251,11 +251,14 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
     except tomllib.TOMLDecodeError as e:
         p.error(f"--config {path}: invalid TOML: {e}")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
-    flags = []
+    flags, seen = [], {}
     for key, value in options.items():
         action = actions.get(key.replace("-", "_"))
         if action is None:
             p.error(f"--config {path}: unknown option {key!r}; see --help for the options")
+        if action.dest in seen:
+            p.error(f"--config {path}: {seen[action.dest]!r} and {key!r} set the same option; keep one of them")
+        seen[action.dest] = key
         if isinstance(value, bool):
             if value:
                 flags.append(action.option_strings[0])
@@ -314,6 +317,10 @@ def check_args(p: argparse.ArgumentParser, args):
                 "max_evaluation_tokens": 1, "eval_examples": 1, "eval_batch_size": 1, "log_every": 1,
                 "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300, "inner_steps": 1,
                 "micro_batch_size": 0, "save_every": 0, "keep": 1, "max_bad_steps": 1}
+    for action in p._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            p.error(f"{action.option_strings[0]} must be a finite number, got {value}")
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low:

@@ -143,8 +143,21 @@ def test_grpo_settings_logged_and_used(tmp_path):
     (["--inner-steps", "0"], "--inner-steps must be at least 1"),
     (["--micro-batch-size", "-1"], "--micro-batch-size must be at least 0"),
     (["--loss-agg", "mean"], "invalid choice"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--warmup-lr", "inf"], "--warmup-lr must be a finite number, got inf"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--kl-coef", "inf"], "--kl-coef must be a finite number"),
 ])
 def test_rejects_bad_grpo_settings(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
         run(tmp_path, "--phase", "rl", *flags)
     assert message in capsys.readouterr().err
+
+
+def test_config_rejects_option_set_twice(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("warmup_steps = 4\nwarmup-steps = 3\n")
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--config", str(config))
+    assert "'warmup_steps' and 'warmup-steps' set the same option" in capsys.readouterr().err
