@@ -86,7 +86,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the None and False of options whose help explains their default."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        # identity, not ==: a default of 0 equals False but should be shown
+        if any(action.default is hidden for hidden in (None, False, argparse.SUPPRESS)):
             return action.help
         return super()._get_help_string(action)
 

@@ -161,3 +161,11 @@ def test_config_rejects_option_set_twice(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--config", str(config))
     assert "'warmup_steps' and 'warmup-steps' set the same option" in capsys.readouterr().err
+
+
+def test_help_shows_zero_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "seed for data order, initialisation and sampling (default: 0)" in text
+    assert "AdamW weight decay (default: 0.0)" in text
