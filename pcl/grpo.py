@@ -258,8 +258,9 @@ def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, 
                 logprobs, b.old_logprobs, b.advantages, b.mask, cfg.clip_low, cfg.clip_high)
             per_token = policy
             if use_kl:
-                kl = kl_penalty(logprobs, b.ref_logprobs, b.kl_mask, cfg.kl_estimator)
-                per_token = per_token + cfg.kl_coef * kl
+                # over every loss token for the log, and only over kl_mask (a subset) for the gradient
+                kl = kl_penalty(logprobs, b.ref_logprobs, b.mask, cfg.kl_estimator)
+                per_token = per_token + cfg.kl_coef * torch.where(b.kl_mask, kl, torch.zeros_like(kl))
             loss = aggregate(per_token, b.mask, cfg.loss_agg, normaliser)
 
         (scale * loss).backward()
@@ -268,8 +269,8 @@ def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, 
             zeros = torch.zeros_like(logprobs)
             sums["loss"] += loss.item()
             sums["policy_loss"] += aggregate(policy, b.mask, cfg.loss_agg, normaliser).item()
-            if use_kl:  # logged over every loss token, also where the flag removes its gradient
-                sums["kl"] += kl_penalty(logprobs, b.ref_logprobs, b.mask, cfg.kl_estimator).sum().item()
+            if use_kl:
+                sums["kl"] += kl.sum().item()
             sums["clip_low"] += clipped_low.sum().item()
             sums["clip_high"] += clipped_high.sum().item()
             sums["ratio"] += torch.where(b.mask, ratio, zeros).sum().item()
