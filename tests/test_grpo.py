@@ -84,7 +84,9 @@ def test_reward_functions_see_tags_without_eos(tok, memorized):
     fns = {**white_box_reward_fns("synthetic", WEIGHTS), "spy": (spy, 1.0)}
     cfg = GRPOConfig(group_size=2, prompts_per_step=1, max_new_tokens=64, temperature=0.0)
     rollouts = collect_rollouts(model, tok, "synthetic", [ROW], cfg, WEIGHTS, reward_fns=fns)
-    assert seen[0].startswith("<think>") and "<post-completion>" in seen[0] and seen[0].endswith("</reward>")
+    assert seen[0].startswith("<think>")
+    assert "<post-completion>" in seen[0]
+    assert seen[0].endswith("</reward>")
     assert tok.eos_token not in seen[0]
     assert rollouts.rewards["format"][0].item() == 1.0  # a correct completion gets format reward 1
     assert rollouts.rewards["accuracy"][0].item() == 1.0
@@ -132,9 +134,10 @@ def test_compute_rewards_wrong_length_names_function():
         compute_rewards(fns, ["a", "b"], [ROW, ROW])
 
 
-def test_compute_rewards_none_is_nan_and_bad_type_named():
+def test_compute_rewards_none_and_bad_type():
     values = compute_rewards({"maybe": (lambda texts, rows: [None, 2], 1.0)}, ["a", "b"], [ROW, ROW])
-    assert values["maybe"][0].isnan() and values["maybe"][1].item() == 2.0
+    assert values["maybe"][0].isnan()
+    assert values["maybe"][1].item() == 2.0
     with pytest.raises(ValueError, match="'text'.*'yes'"):
         compute_rewards({"text": (lambda texts, rows: ["yes", 1], 1.0)}, ["a", "b"], [ROW, ROW])
 
@@ -218,7 +221,8 @@ def test_first_inner_step_ratio_exactly_one(tok, small_model):
     cfg = GRPOConfig(micro_batch_size=3)
     _, stats = gradients(small_model, None, rollouts, cfg)
     assert stats["grpo_ratio"] == 1.0
-    assert stats["grpo_clip_low"] == 0.0 and stats["grpo_clip_high"] == 0.0
+    assert stats["grpo_clip_low"] == 0.0
+    assert stats["grpo_clip_high"] == 0.0
 
 
 def test_inner_steps_reuse_old_logprobs(tok):
@@ -244,7 +248,8 @@ def test_truncated_completions_masked(tok, small_model):
     rollouts = fake_rollouts(tok, completions, [0, 1, 2, 0], stopped=[True, False, True, True])
     masked = micro_batches(rollouts, GRPOConfig(mask_truncated=True), "cpu")[0]
     kept = micro_batches(rollouts, GRPOConfig(), "cpu")[0]
-    assert masked.mask[1].sum() == 0 and kept.mask[1].sum() == 5
+    assert masked.mask[1].sum() == 0
+    assert kept.mask[1].sum() == 5
     assert torch.equal(masked.mask[[0, 2, 3]], kept.mask[[0, 2, 3]])
     stats = rollout_stats(rollouts, 2, mask_truncated=True)
     assert stats["truncated"] == 0.25
@@ -257,7 +262,8 @@ def test_all_truncated_gives_zero_loss(tok, small_model):
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         grad, stats = gradients(small_model, copy.deepcopy(small_model), rollouts,
                                 GRPOConfig(mask_truncated=True, loss_agg=mode))
-        assert stats["grpo_loss"] == 0.0 and stats["grpo_tokens"] == 0
+        assert stats["grpo_loss"] == 0.0
+        assert stats["grpo_tokens"] == 0
         assert torch.equal(grad, torch.zeros_like(grad))
         assert all(math.isfinite(v) for v in stats.values())
 
@@ -325,7 +331,8 @@ def test_rollout_stats_keys(tok, random_rollouts):
     _, cfg, rollouts = random_rollouts
     stats = rollout_stats(rollouts, cfg.group_size)
     for name in ("accuracy", "format", "consistency"):
-        assert 0 <= stats[f"reward_{name}"] <= 1 and stats[f"reward_{name}_std"] >= 0
+        assert 0 <= stats[f"reward_{name}"] <= 1
+        assert stats[f"reward_{name}_std"] >= 0
     assert stats["reward_unparseable"] == sum(p is None for p in rollouts.predicted) / len(rollouts.predicted)
     assert stats["completion_length_min"] <= stats["completion_length"] <= stats["completion_length_max"] <= 12
 

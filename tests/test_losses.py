@@ -202,7 +202,8 @@ def test_policy_on_policy():
     torch.testing.assert_close(loss, -advantages)
     torch.testing.assert_close(grad, -advantages)
     assert torch.equal(ratio, torch.ones(1, 3))
-    assert not low.any() and not high.any()
+    assert not low.any()
+    assert not high.any()
 
 
 def test_policy_advantage_broadcast():
@@ -218,7 +219,8 @@ def test_policy_clip_high_positive_advantage():
     loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[2.0]]))
     assert loss.item() == pytest.approx(-1.2 * 2.0)
     assert grad.item() == 0.0
-    assert high.item() and not low.item()
+    assert high.item()
+    assert not low.item()
 
 
 def test_policy_clip_high_separate_bound():
@@ -238,7 +240,8 @@ def test_policy_negative_advantage_above_range_not_clipped():
     loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[-1.0]]))
     assert loss.item() == pytest.approx(1.5)
     assert grad.item() == pytest.approx(1.5)
-    assert not low.item() and not high.item()
+    assert not low.item()
+    assert not high.item()
 
 
 def test_policy_clip_low_negative_advantage():
@@ -247,7 +250,8 @@ def test_policy_clip_low_negative_advantage():
     loss, grad, _, low, high = policy(logprobs, old, torch.tensor([[-1.0]]), clip_low=0.2, clip_high=0.6)
     assert loss.item() == pytest.approx(0.8)
     assert grad.item() == 0.0
-    assert low.item() and not high.item()
+    assert low.item()
+    assert not high.item()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -259,7 +263,8 @@ def test_policy_masked_nonfinite(bad):
     loss, grad, _, low, high = policy(logprobs, old, advantages, mask=mask)
     assert loss.tolist() == [[-1.0, 0.0, 0.0]]
     assert grad.tolist() == [[-1.0, 0.0, 0.0]]
-    assert not low.any() and not high.any()
+    assert not low.any()
+    assert not high.any()
 
 
 def kl(logprobs, ref, estimator, mask=None):
@@ -304,8 +309,10 @@ def test_kl_estimators_are_unbiased():
 def test_kl_masked_nonfinite(bad):
     value, grad = kl(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, bad]]), "k3",
                      mask=torch.tensor([[True, False]]))
-    assert value[0, 1].item() == 0.0 and grad[0, 1].item() == 0.0
-    assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+    assert value[0, 1].item() == 0.0
+    assert grad[0, 1].item() == 0.0
+    assert torch.isfinite(value).all()
+    assert torch.isfinite(grad).all()
 
 
 def test_kl_unknown_estimator():

@@ -132,7 +132,9 @@ def test_grpo_settings_logged_and_used(tmp_path):
     config = json.loads((out / "run_config.json").read_text())
     assert (config["inner_steps"], config["micro_batch_size"], config["clip_low"], config["clip_high"]) == (2, 3, 0.1, 0.3)
     assert (config["kl_estimator"], config["kl_on_flat_groups"], config["loss_agg"]) == ("k1", False, "seq-mean-token-sum-norm")
-    assert config["mask_truncated"] and not config["scale_rewards"] and config["split_advantage"]
+    assert config["mask_truncated"]
+    assert not config["scale_rewards"]
+    assert config["split_advantage"]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(s["loss"]) for s in steps)
 
