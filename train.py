@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="compute dtype (bfloat16 runs under autocast; weights and optimizer state stay float32)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                     help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
+                     help="torch.compile the fused losses: score regression and chunked cross-entropy (falls back to "
+                          "eager with a warning where compilation is unavailable)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
 
     data = p.add_argument_group("data")
