@@ -77,8 +77,6 @@ def main():
     run_group.add_argument("--max-prompt", type=int, default=48, help="longest prompt, in tokens")
     run_group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per row")
     run_group.add_argument("--repeats", type=int, default=3, help="timed calls per side, after one warm-up call")
-    run_group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                           help="torch.compile our decode step")
     run_group.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
     args = p.parse_args()
     transformers.utils.logging.disable_progress_bar()
@@ -98,7 +96,7 @@ def main():
 
     def generate_ours():
         out = generate(ours, prompts, args.new_tokens, stop_ids=[], pad_id=0, num_samples=args.group,
-                       temperature=1.0, generator=generator, compile=args.compile)
+                       temperature=1.0, generator=generator)
         assert all(len(t) == args.new_tokens for t in out.tokens)
 
     def generate_peer():
@@ -125,12 +123,12 @@ def main():
           f"transformers {transformers.__version__} ({args.attention} attention), {torch.get_num_threads()} threads, "
           f"{platform.machine()}")
     print(f"{args.prompts} prompts of {args.min_prompt}-{args.max_prompt} ids x G={args.group}, {args.new_tokens} new "
-          f"tokens: ours {ours_rate:,.0f} tok/s (compile={args.compile}), transformers generate {peer_rate:,.0f} "
+          f"tokens: ours {ours_rate:,.0f} tok/s, transformers generate {peer_rate:,.0f} "
           f"tok/s, ratio {ours_rate / peer_rate:.2f}")
     print(json.dumps({
         "bench": "generate_speed", "family": args.family, "hidden": args.hidden, "layers": args.layers,
         "vocab": args.vocab, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
-        "compile": args.compile, "peer_attention": args.attention, "threads": torch.get_num_threads(),
+        "peer_attention": args.attention, "threads": torch.get_num_threads(),
         "repeats": args.repeats, "ours_tokens_per_s": ours_rate, "peer_tokens_per_s": peer_rate,
         "speed_ratio": ours_rate / peer_rate,
     }))

@@ -26,7 +26,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     the unscaled distribution.
     """
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:  # dividing by 1 is exact, so it is skipped
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
 
@@ -42,7 +42,25 @@ def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, genera
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_categorical(probs, generator)
+
+
+def sample_categorical(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """Draw one id per row from unnormalised probabilities (N, V) by inverting the cumulative sum.
+
+    This draws one uniform number per row, where torch.multinomial draws V exponential numbers per
+    row; at V in the thousands, generating those numbers took a fifth of a rollout's time on CPU.
+    """
+    cumulative = probs.cumsum(-1)  # (N, V), non-decreasing
+    total = cumulative[:, -1:]  # (N, 1)
+    uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype)
+    ids = torch.searchsorted(cumulative, uniform * total, right=True).squeeze(-1)  # first id above the draw
+    overflow = ids == probs.shape[-1]
+    if overflow.any():
+        # rounding put the draw at the total mass: take the first id that reaches the total, which
+        # has positive probability
+        ids = torch.where(overflow, cumulative.argmax(-1), ids)
+    return ids
 
 
 @torch.no_grad()

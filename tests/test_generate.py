@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.generate import generate, sample_next, sampling_logprobs
+from model.generate import generate, sample_categorical, sample_next, sampling_logprobs
 from pcl.losses import token_logprobs
 from pcl.sequence import Segment, Sequence, collate
 
@@ -280,3 +280,24 @@ def test_sampling_logprobs_greedy_unscaled():
     result = sampling_logprobs(logits, 0.0)
     assert result.dtype == torch.float32
     torch.testing.assert_close(result, torch.log_softmax(logits.float(), dim=-1))
+
+
+def test_categorical_frequencies():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    drawn = sample_categorical(probs, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    # the std of each observed frequency is at most about 0.0035
+    torch.testing.assert_close(frequencies, probs[0], atol=0.015, rtol=0)
+
+
+def test_categorical_unnormalised_rows():
+    probs = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0], [3.0, 0.0, 0.0, 0.0]])
+    drawn = sample_categorical(probs, torch.Generator().manual_seed(0))
+    assert drawn.tolist() == [1, 3, 0]
+
+
+def test_categorical_draw_at_total_mass(monkeypatch):
+    # a uniform draw that rounds up to the total mass must not pick the trailing zero-probability ids
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape, dtype=kwargs.get("dtype")))
+    probs = torch.tensor([[0.2, 0.5, 0.3, 0.0, 0.0]])
+    assert sample_categorical(probs).tolist() == [2]
