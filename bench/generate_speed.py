@@ -4,8 +4,8 @@
 
 Each of --prompts prompts gets --group samples of exactly --new-tokens tokens at temperature 1,
 with no top-k or top-p, as GRPO rollouts are drawn. Ours prefills each prompt once and shares its
-KV cache among the group's rows; transformers' generate (with its default dynamic cache and
-num_return_sequences) repeats each prompt G times before the prefill. No stop id is set on either
+KV cache among the group's rows. transformers' generate, with its default dynamic cache and
+num_return_sequences, repeats each prompt G times before the prefill. No stop id is set on either
 side, so both produce the same number of tokens; a trained model whose rows stop early gives our
 side a further advantage that this benchmark does not measure.
 
@@ -34,7 +34,7 @@ from model.generate import generate  # noqa: E402
 
 
 def build_peer(args):
-    """A transformers model of args.family with seeded random weights, in eval mode."""
+    """Build a transformers model of args.family with seeded random weights, in eval mode."""
     config = transformers.AutoConfig.for_model(
         args.family, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -73,8 +73,8 @@ def main():
     run_group = p.add_argument_group("workload")
     run_group.add_argument("--prompts", type=int, default=16, help="prompts N")
     run_group.add_argument("--group", type=int, default=8, help="samples per prompt G")
-    run_group.add_argument("--min-prompt", type=int, default=24, help="shortest prompt, in tokens")
-    run_group.add_argument("--max-prompt", type=int, default=48, help="longest prompt, in tokens")
+    run_group.add_argument("--min-prompt", type=int, default=24, help="minimum prompt length, in tokens")
+    run_group.add_argument("--max-prompt", type=int, default=48, help="maximum prompt length, in tokens")
     run_group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per row")
     run_group.add_argument("--repeats", type=int, default=3, help="timed calls per side, after one warm-up call")
     run_group.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
@@ -105,7 +105,7 @@ def main():
         assert out.shape == (args.prompts * args.group, prompt_ids.shape[1] + args.new_tokens)
 
     # ---- interleaved timing
-    generate_ours()  # warm-up, compilation included
+    generate_ours()  # warm-up
     generate_peer()
     times = {"ours": [], "peer": []}
     for _ in range(args.repeats):
