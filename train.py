@@ -112,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "FSDP2 (fully_shard per transformer block), for models whose training state does not "
                           "fit one device (default: every process has all of it, DistributedDataParallel)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                     help="torch.compile the fused score-regression loss (falls back to eager with a warning)")
+                     help="torch.compile the fused losses: score regression and chunked cross-entropy (falls back to "
+                          "eager with a warning where compilation is unavailable)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its newest usable checkpoint; options not given take "

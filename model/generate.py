@@ -33,7 +33,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     the unscaled distribution.
     """
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:  # dividing by 1 is exact, so it is skipped
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
 
@@ -72,9 +72,9 @@ def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, genera
                 uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one id per row from (N, V) log-probs: greedy at temperature 0, else nucleus sampling.
 
-    With `uniforms` ((N,) numbers in [0, 1)), row i takes the id where the cumulative probability
-    passes uniforms[i] (inverse-CDF sampling), so its draw uses no other row's numbers. Without
-    them, torch.multinomial draws from `generator`.
+    Row i takes the id where the cumulative probability passes uniforms[i] ((N,) numbers in
+    [0, 1); inverse-CDF sampling), so its draw uses no other row's numbers. Without `uniforms`,
+    they are drawn from `generator`.
     """
     if temperature == 0:
         return logprobs.argmax(-1)
@@ -86,12 +86,26 @@ def sample_next(logprobs: torch.Tensor, temperature: float, top_p: float, genera
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     if uniforms is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cdf = probs.double().cumsum(-1)  # (N, V)
-    # u < 1 - 2^-52, so the threshold stays below cdf[:, -1], and the first id whose cumulative
-    # probability exceeds it has a probability above 0
-    threshold = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]  # (N, 1)
-    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+        uniforms = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
+    return sample_categorical(probs, uniforms)
+
+
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row from unnormalised probabilities (N, V), given one uniform number in
+    [0, 1) per row (N,), by inverting the cumulative sum in float64.
+
+    Row i takes the first id whose cumulative probability exceeds uniforms[i] times the row's
+    total. torch.multinomial instead draws V exponential numbers per row, which at V in the
+    thousands took a fifth of a rollout's time on CPU.
+    """
+    cumulative = probs.double().cumsum(-1)  # (N, V), non-decreasing
+    threshold = uniforms.to(cumulative.device)[:, None] * cumulative[:, -1:]  # (N, 1)
+    ids = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)  # (N,)
+    # a uniform number within rounding of 1 can put the threshold at the total: take the first id
+    # that reaches the total, which has a probability above 0 (keyed uniforms stay below 1 - 2^-52
+    # and never get here)
+    overflow = ids == probs.shape[-1]
+    return torch.where(overflow, cumulative.argmax(-1), ids)
 
 
 @torch.no_grad()

@@ -17,10 +17,37 @@ from model.generate import sampling_logprobs
 log = logging.getLogger(__name__)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of the masked targets. logits (B, T, V), targets and mask (B, T)."""
+class _MaybeCompiled:
+    """A function run through torch.compile, falling back to eager (with one warning) where
+    compilation is unavailable or disabled."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=True)
+        self.enabled = True
+
+    def __call__(self, *args):
+        if self.enabled:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # compiler missing or unsupported op: eager gives the same result
+                log.warning("torch.compile failed for %s, using eager: %s", self.fn.__name__, e)
+                self.enabled = False
+        return self.fn(*args)
+
+
+def token_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eager reference: summed cross-entropy of the masked targets. logits (B, T, V), targets and
+    mask (B, T)."""
     # select the valid positions first: masked-out positions never enter the sum, even as NaN
     return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                        compile: bool = True) -> torch.Tensor:
+    """Same value and gradient as token_cross_entropy_reference, computed in chunks of rows by
+    masked_cross_entropy, so no (B, T, V) softmax or log-softmax tensor is ever stored."""
+    return masked_cross_entropy(logits, targets, mask, compile).sum()
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -31,6 +58,100 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 def distribution_entropy(logprobs: torch.Tensor) -> torch.Tensor:
     """(...,) entropy in nats of each distribution given as log-probabilities (..., V)."""
     return -(logprobs.exp() * logprobs).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked cross-entropy: one (C, V) slice of rows at a time, in the forward and in the backward
+#
+# F.cross_entropy over (N, V) logits stores an (N, V) log-softmax for the backward pass, and its
+# backward allocates (N, V) intermediates besides the (N, V) gradient. The function below keeps
+# only one logsumexp per row between the passes. The backward recomputes the softmax a chunk at a
+# time and writes it straight into the gradient, so the extra memory is the gradient itself plus
+# one chunk.
+
+CROSS_ENTROPY_CHUNK_ELEMENTS = 2 ** 20  # logits per chunk, 4 MiB in fp32
+
+
+def _cross_entropy_rows(logit_rows, rows, targets):
+    """Cross-entropy (C,) and logsumexp (C,) in fp32 of the rows `rows` (C,) of logit_rows (R, V)."""
+    x = logit_rows.index_select(0, rows).float()  # (C, V)
+    logprobs = torch.log_softmax(x, dim=-1)
+    target_logprobs = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    return -target_logprobs, x.gather(-1, targets[:, None]).squeeze(-1) - target_logprobs
+
+
+def _cross_entropy_rows_grad(logit_rows, rows, log_normalizer, targets, grad_losses):
+    """Gradient (C, V) fp32 of sum_i grad_losses[i] * loss[i]: (softmax - one_hot(target)) * grad."""
+    x = logit_rows.index_select(0, rows).float()  # (C, V), a fresh tensor, so in-place is safe
+    grad = x.sub_(log_normalizer[:, None]).exp_().mul_(grad_losses[:, None])
+    return grad.scatter_add_(-1, targets[:, None], -grad_losses[:, None])
+
+
+_cross_entropy_kernels = {
+    False: (_cross_entropy_rows, _cross_entropy_rows_grad),
+    True: (_MaybeCompiled(_cross_entropy_rows), _MaybeCompiled(_cross_entropy_rows_grad)),
+}
+
+
+def _as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """View logits (B, T, V) as rows (R, V) of their storage without a copy, and return the row
+    step between batch entries: position (b, t) is row b * step + t. A slice such as
+    logits[:, :-1] of a contiguous tensor qualifies; other layouts are copied."""
+    B, T, V = logits.shape
+    if logits.stride(2) != 1 or logits.stride(1) != V or logits.stride(0) % V:
+        logits = logits.contiguous()
+    step = logits.stride(0) // V
+    return logits.as_strided(((B - 1) * step + T, V), (V, 1)), step
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-position cross-entropy (M,) at the positions (batch_index, time_index) of logits (B, T, V)."""
+
+    @staticmethod
+    def forward(ctx, logits, batch_index, time_index, targets, chunk_rows: int, compile: bool):
+        rows_loss, rows_grad = _cross_entropy_kernels[compile]
+        logit_rows, step = _as_rows(logits)
+        rows = batch_index * step + time_index  # (M,) row of each position in logit_rows
+        M = len(targets)
+        losses = torch.empty(M, device=logits.device)  # (M,) fp32
+        log_normalizers = torch.empty(M, device=logits.device)  # (M,) fp32, all the backward keeps
+        for start in range(0, M, chunk_rows):
+            end = min(start + chunk_rows, M)
+            losses[start:end], log_normalizers[start:end] = rows_loss(logit_rows, rows[start:end], targets[start:end])
+        ctx.save_for_backward(logits, batch_index, time_index, targets, log_normalizers)
+        ctx.chunk_rows, ctx.rows_grad = chunk_rows, rows_grad
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        logits, batch_index, time_index, targets, log_normalizers = ctx.saved_tensors
+        logit_rows, step = _as_rows(logits)
+        rows = batch_index * step + time_index
+        B, T, V = logits.shape
+        grad = torch.zeros(B, T, V, dtype=logits.dtype, device=logits.device)
+        grad_rows = grad.view(B * T, V)
+        grad_losses = grad_losses.float()
+        for start in range(0, len(targets), ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, len(targets))
+            chunk = ctx.rows_grad(logit_rows, rows[start:end], log_normalizers[start:end], targets[start:end],
+                                  grad_losses[start:end])
+            grad_rows.index_copy_(0, batch_index[start:end] * T + time_index[start:end], chunk.to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, compile: bool = True,
+                         chunk_elements: int = CROSS_ENTROPY_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Cross-entropy (M,) in fp32 of each masked target, in the row-major order of mask.nonzero().
+
+    logits (B, T, V) of any dtype (a slice such as logits[:, :-1] is read in place, not copied);
+    targets and mask (B, T). Positions outside the mask are never read, so NaN there cannot reach
+    the value or the gradient, and their gradient is exactly 0. Each chunk contains about
+    `chunk_elements` logits; `compile` runs the per-chunk arithmetic through torch.compile.
+    """
+    batch_index, time_index = mask.nonzero(as_tuple=True)
+    chunk_rows = max(1, chunk_elements // logits.shape[-1])
+    return _ChunkedCrossEntropy.apply(logits, batch_index, time_index, targets[batch_index, time_index],
+                                      chunk_rows, compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,25 +179,6 @@ def _score_regression_rows(rows, candidate_ids, candidate_values, targets):
     probs = torch.exp(rows[:, candidate_ids] - log_normalizer)  # (N, K)
     expected = probs @ candidate_values.float()  # (N,)
     return ((expected - targets.float()) ** 2).sum()
-
-
-class _MaybeCompiled:
-    """A function run through torch.compile, falling back to eager (with one warning) where
-    compilation is unavailable or disabled."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True)
-        self.enabled = True
-
-    def __call__(self, *args):
-        if self.enabled:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # compiler missing or unsupported op: eager gives the same result
-                log.warning("torch.compile failed for %s, using eager: %s", self.fn.__name__, e)
-                self.enabled = False
-        return self.fn(*args)
 
 
 _score_regression_rows_compiled = _MaybeCompiled(_score_regression_rows)

@@ -23,7 +23,8 @@ import torch
 from data import Row, format_prompt
 from model.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
 from pcl import rewards
-from pcl.losses import score_regression_fused, score_regression_reference, token_cross_entropy
+from pcl.losses import (masked_cross_entropy, score_regression_fused, score_regression_reference,
+                        token_cross_entropy_reference)
 from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Segment, Sequence, collate, completion_text,
                           evaluation_track, first_score_mask, prompt_ids, target_mask)
 
@@ -187,7 +188,8 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
 
     Each term is a sum over its valid positions divided by `counts` (from sft_counts), the step's
     normalisers; by default they are counted on this batch, so each term is a mean over its own
-    positions. `reference` uses the eager score regression.
+    positions. `reference` uses the eager reference losses instead of the chunked cross-entropy and
+    the fused score regression; `compile` runs those two through torch.compile.
     """
     device = next(model.parameters()).device  # also when a DistributedDataParallel wraps the model
     counts = counts or sft_counts(reasoning, evaluation)
@@ -201,8 +203,16 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
     # the evaluation track's completion is REASONING too, so each track's rows are selected explicitly
     reason_mask = target_mask(segment_ids, REASONING_TRACK) & is_reasoning_row[:, None]
     eval_mask = target_mask(segment_ids, EVALUATION_TRACK) & ~is_reasoning_row[:, None]
-    loss_reason = token_cross_entropy(logits, targets, reason_mask) / max(counts["reason"], 1)
-    loss_eval = token_cross_entropy(logits, targets, eval_mask) / max(counts["eval"], 1)
+    if reference:
+        sum_reason = token_cross_entropy_reference(logits, targets, reason_mask)
+        sum_eval = token_cross_entropy_reference(logits, targets, eval_mask)
+    else:
+        # one call for both tracks, so the backward allocates a single (B, T-1, V) gradient
+        per_position = masked_cross_entropy(logits, targets, reason_mask | eval_mask, compile)  # (M,)
+        is_reason = reason_mask[reason_mask | eval_mask]  # (M,)
+        sum_reason, sum_eval = per_position[is_reason].sum(), per_position[~is_reason].sum()
+    loss_reason = sum_reason / max(counts["reason"], 1)
+    loss_eval = sum_eval / max(counts["eval"], 1)
 
     loss_score = torch.zeros((), device=device)
     if score_head is not None and evaluation and cfg.lambda_score > 0:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.generate import generate, keyed_uniforms, row_key, sample_next, sampling_logprobs
+from model.generate import generate, keyed_uniforms, row_key, sample_categorical, sample_next, sampling_logprobs
 from pcl.losses import token_logprobs
 from pcl.sequence import Segment, Sequence, collate
 
@@ -311,3 +311,24 @@ def test_keyed_sampling_frequencies():
 def test_row_keys_length_checked(model):
     with pytest.raises(ValueError, match="row_keys has 1 keys, expected one per output row"):
         generate(model, PROMPTS, max_new_tokens=2, stop_ids=[], pad_id=PAD, temperature=1.0, row_keys=[1])
+
+
+def test_categorical_frequencies():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(20000, 4)
+    drawn = sample_categorical(probs, torch.rand(len(probs), generator=torch.Generator().manual_seed(0)))
+    frequencies = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    # the std of each observed frequency is at most about 0.0035
+    torch.testing.assert_close(frequencies, probs[0], atol=0.015, rtol=0)
+
+
+def test_categorical_unnormalised_rows():
+    probs = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 5.0], [3.0, 0.0, 0.0, 0.0]])
+    drawn = sample_categorical(probs, torch.rand(len(probs), generator=torch.Generator().manual_seed(0)))
+    assert drawn.tolist() == [1, 3, 0]
+
+
+def test_categorical_draw_at_total_mass():
+    # a uniform number that rounds the threshold up to the total mass must not pick the trailing
+    # zero-probability ids
+    probs = torch.tensor([[0.2, 0.5, 0.3, 0.0, 0.0]])
+    assert sample_categorical(probs, torch.ones(1, dtype=torch.float64)).tolist() == [2]

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from pcl import losses
 from pcl.losses import (LOSS_AGGREGATIONS, aggregate, clipped_policy_loss, kl_penalty, loss_normaliser,
-                        score_regression_fused, score_regression_reference, token_cross_entropy, token_logprobs)
+                        masked_cross_entropy, score_regression_fused, score_regression_reference, token_cross_entropy,
+                        token_cross_entropy_reference, token_logprobs)
 
 CANDIDATE_IDS = torch.tensor([3, 4, 5])  # ids of the score tokens "0", "1", "2"
 CANDIDATE_VALUES = torch.tensor([0.0, 1.0, 2.0])
@@ -20,46 +21,134 @@ def random_logits(B, T, V, seed=0):
 # token_cross_entropy
 
 
-def test_cross_entropy_by_hand():
+COMPILE_MODES = [pytest.param(False, id="eager"), pytest.param(True, id="compiled")]
+
+
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_by_hand(compile):
     logits = random_logits(2, 5, 11)
     targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[True, False, True, True, False], [False, False, True, False, True]])
     expected = sum(F.cross_entropy(logits[b, t], targets[b, t]) for b in range(2) for t in range(5) if mask[b, t])
-    torch.testing.assert_close(token_cross_entropy(logits, targets, mask), expected)
+    torch.testing.assert_close(token_cross_entropy(logits, targets, mask, compile=compile), expected)
+    torch.testing.assert_close(token_cross_entropy_reference(logits, targets, mask), expected)
 
 
-def test_cross_entropy_ignores_nan_outside_mask():
+def cross_entropy_value_and_grad(fn, logits, targets, mask, **kwargs):
+    leaf = logits.detach().clone().requires_grad_(True)
+    value = fn(leaf, targets, mask, **kwargs)
+    value.backward()
+    return value.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+@pytest.mark.parametrize("chunk_elements", [1, 40, 2 ** 20])  # one row per chunk, a ragged last chunk, one chunk
+def test_cross_entropy_chunked_matches_reference(compile, chunk_elements):
+    logits = random_logits(3, 7, 13, seed=2)
+    targets = torch.randint(0, 13, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)) < 0.6
+
+    def chunked(x, t, m):
+        return masked_cross_entropy(x, t, m, compile=compile, chunk_elements=chunk_elements).sum()
+
+    value, grad = cross_entropy_value_and_grad(chunked, logits, targets, mask)
+    expected_value, expected_grad = cross_entropy_value_and_grad(token_cross_entropy_reference, logits, targets, mask)
+    torch.testing.assert_close(value, expected_value, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+    if compile:  # the wrappers fall back to eager when compilation fails, which would make this test vacuous
+        assert all(kernel.enabled for kernel in losses._cross_entropy_kernels[True])
+
+
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_sliced_logits(compile):
+    # logits[:, :-1] of the model output is read in place; its gradient reaches the full tensor
+    full = random_logits(2, 6, 9, seed=5)
+    targets = torch.randint(0, 9, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[False, True, True, True, False], [True, True, False, True, True]])
+    grads = []
+    for fn, kwargs in ((token_cross_entropy, {"compile": compile}), (token_cross_entropy_reference, {})):
+        leaf = full.clone().requires_grad_(True)
+        value = fn(leaf[:, :-1], targets, mask, **kwargs)
+        value.backward()
+        grads.append((value.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=0)
+
+
+def test_cross_entropy_per_position_order():
+    logits = random_logits(2, 4, 5, seed=7)
+    targets = torch.randint(0, 5, (2, 4), generator=torch.Generator().manual_seed(8))
+    mask = torch.tensor([[True, False, True, False], [False, True, True, True]])
+    expected = F.cross_entropy(logits[mask], targets[mask], reduction="none")  # row-major order of the mask
+    torch.testing.assert_close(masked_cross_entropy(logits, targets, mask, compile=False), expected)
+
+
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_ignores_nan_outside_mask(compile):
     logits = random_logits(2, 4, 7)
     targets = torch.zeros(2, 4, dtype=torch.long)
     mask = torch.tensor([[True, True, False, False], [True, False, False, False]])
     poisoned = logits.clone()
     poisoned[~mask] = float("nan")
-    torch.testing.assert_close(token_cross_entropy(poisoned, targets, mask), token_cross_entropy(logits, targets, mask))
+    torch.testing.assert_close(token_cross_entropy(poisoned, targets, mask, compile=compile),
+                               token_cross_entropy(logits, targets, mask, compile=compile))
 
 
-def test_cross_entropy_nan_outside_mask_gradient():
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_nan_outside_mask_gradient(compile):
     logits = random_logits(1, 4, 7)
     logits[0, 3] = float("nan")
     logits.requires_grad_(True)
     mask = torch.tensor([[True, True, False, False]])
-    token_cross_entropy(logits, torch.zeros(1, 4, dtype=torch.long), mask).backward()
+    token_cross_entropy(logits, torch.zeros(1, 4, dtype=torch.long), mask, compile=compile).backward()
     assert torch.isfinite(logits.grad).all()
     assert torch.equal(logits.grad[0, 2:], torch.zeros(2, 7))
 
 
-def test_cross_entropy_bf16_computed_in_fp32():
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_bf16_computed_in_fp32(compile):
     logits = random_logits(1, 3, 7)
     targets = torch.tensor([[1, 2, 3]])
     mask = torch.ones(1, 3, dtype=torch.bool)
-    loss = token_cross_entropy(logits.bfloat16(), targets, mask)
+    leaf = logits.bfloat16().requires_grad_(True)
+    loss = token_cross_entropy(leaf, targets, mask, compile=compile)
     assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, token_cross_entropy_reference(logits.bfloat16(), targets, mask))
+    loss.backward()
+    assert leaf.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("compile", COMPILE_MODES)
+def test_cross_entropy_empty_mask_zero(compile):
+    logits = random_logits(1, 3, 7).requires_grad_(True)
+    loss = token_cross_entropy(logits, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool),
+                               compile=compile)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_cross_entropy_sum_not_mean():
     logits = torch.zeros(1, 4, 8)  # uniform: each target costs log 8
     mask = torch.tensor([[True, True, True, False]])
-    loss = token_cross_entropy(logits, torch.zeros(1, 4, dtype=torch.long), mask)
+    loss = token_cross_entropy(logits, torch.zeros(1, 4, dtype=torch.long), mask, compile=False)
     assert loss.item() == pytest.approx(3 * math.log(8))
+
+
+def test_compile_failure_falls_back_to_eager(caplog):
+    def double(x):
+        return 2 * x
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    wrapper = losses._MaybeCompiled(double)
+    wrapper.compiled = broken
+    with caplog.at_level("WARNING"):
+        assert wrapper(torch.tensor(3.0)).item() == 6.0
+    assert not wrapper.enabled
+    assert "using eager" in caplog.text
+    assert wrapper(torch.tensor(4.0)).item() == 8.0  # later calls go straight to eager
 
 
 def test_token_logprobs_temperature():

@@ -137,19 +137,22 @@ def batch(tok):
     return reasoning, track.sample(4, random.Random(0))
 
 
-def test_fused_and_reference_agree(tok, batch):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fused_and_reference_agree(tok, batch, compile):
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
     model.init_weights(seed=0)
     head = ScoreHead(tok, WEIGHTS, "cpu")
-    losses, grads = [], []
+    losses, grads, terms = [], [], []
     for reference in (True, False):
         model.zero_grad()
-        loss, stats = sft_loss(model, *batch, head, SFTConfig(), tok.pad_id, compile=False, reference=reference)
+        loss, stats = sft_loss(model, *batch, head, SFTConfig(), tok.pad_id, compile=compile, reference=reference)
         loss.backward()
         losses.append(loss.item())
         grads.append(model.lm_head.weight.grad.clone())
+        terms.append([stats[key] for key in ("sft_reason", "sft_eval", "sft_score")])
     assert abs(losses[0] - losses[1]) < 1e-5
+    assert terms[0] == pytest.approx(terms[1], abs=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 

@@ -1,0 +1,138 @@
+"""Speed of GRPO-style sampling: our generate against transformers' generate, same weights.
+
+    python bench/generate_speed.py [--prompts 16 --group 8 --new-tokens 128 --repeats 3 ...]
+
+Each of --prompts prompts gets --group samples of exactly --new-tokens tokens at temperature 1,
+with no top-k or top-p, as GRPO rollouts are drawn. Ours prefills each prompt once and shares its
+KV cache among the group's rows. transformers' generate, with its default dynamic cache and
+num_return_sequences, repeats each prompt G times before the prefill. No stop id is set on either
+side, so both produce the same number of tokens; a trained model whose rows stop early gives our
+side a further advantage that this benchmark does not measure.
+
+The default model has the shape of the default training run's "small" preset (Llama family,
+width 128, 4 layers, vocabulary 2048); use --hidden, --layers and the other model flags for
+larger shapes. transformers builds the model with seeded random weights and saves it, and our
+load_pretrained reads it back. Both sides run in this process, interleaved, after one untimed
+warm-up call each. The last line is a JSON summary; the ratio is ours / transformers in tokens/s.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model.checkpoint import load_pretrained  # noqa: E402
+from model.generate import generate  # noqa: E402
+
+
+def build_peer(args):
+    """Build a transformers model of args.family with seeded random weights, in eval mode."""
+    config = transformers.AutoConfig.for_model(
+        args.family, vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=args.tied, bos_token_id=None, eos_token_id=None, max_position_embeddings=2048,
+    )
+    torch.manual_seed(args.seed)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).eval()
+
+
+def left_pad(prompts, pad_id: int = 0):
+    """Left-padded ids (N, P) and attention mask (N, P)."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_group = p.add_argument_group("model")
+    model_group.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="llama",
+                             help="transformers model_type of the random model")
+    model_group.add_argument("--vocab", type=int, default=2048, help="vocabulary size V")
+    model_group.add_argument("--hidden", type=int, default=128, help="model width D")
+    model_group.add_argument("--intermediate", type=int, default=384, help="MLP width")
+    model_group.add_argument("--layers", type=int, default=4, help="number of transformer blocks")
+    model_group.add_argument("--heads", type=int, default=4, help="query heads H")
+    model_group.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
+    model_group.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
+                             help="tie the output layer to the input embedding")
+    model_group.add_argument("--attention", choices=["eager", "sdpa"], default="sdpa",
+                             help="transformers' attention implementation")
+    run_group = p.add_argument_group("workload")
+    run_group.add_argument("--prompts", type=int, default=16, help="prompts N")
+    run_group.add_argument("--group", type=int, default=8, help="samples per prompt G")
+    run_group.add_argument("--min-prompt", type=int, default=24, help="minimum prompt length, in tokens")
+    run_group.add_argument("--max-prompt", type=int, default=48, help="maximum prompt length, in tokens")
+    run_group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per row")
+    run_group.add_argument("--repeats", type=int, default=3, help="timed calls per side, after one warm-up call")
+    run_group.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
+    args = p.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+
+    # ---- the same weights on both sides
+    peer = build_peer(args)
+    with tempfile.TemporaryDirectory() as folder:
+        peer.save_pretrained(folder)
+        ours = load_pretrained(folder).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    lengths = torch.linspace(args.min_prompt, args.max_prompt, args.prompts).long().tolist()
+    prompts = [torch.randint(1, args.vocab, (n,), generator=generator).tolist() for n in lengths]
+    prompt_ids, mask = left_pad(prompts)
+    settings = transformers.GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=None, top_p=None, num_return_sequences=args.group,
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
+
+    def generate_ours():
+        out = generate(ours, prompts, args.new_tokens, stop_ids=[], pad_id=0, num_samples=args.group,
+                       temperature=1.0, generator=generator)
+        assert all(len(t) == args.new_tokens for t in out.tokens)
+
+    def generate_peer():
+        with torch.no_grad():
+            out = peer.generate(input_ids=prompt_ids, attention_mask=mask, generation_config=settings)
+        assert out.shape == (args.prompts * args.group, prompt_ids.shape[1] + args.new_tokens)
+
+    # ---- interleaved timing
+    generate_ours()  # warm-up
+    generate_peer()
+    times = {"ours": [], "peer": []}
+    for _ in range(args.repeats):
+        for name, fn in (("ours", generate_ours), ("peer", generate_peer)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    tokens = args.prompts * args.group * args.new_tokens
+    ours_rate = tokens / statistics.median(times["ours"])
+    peer_rate = tokens / statistics.median(times["peer"])
+
+    # ---- report
+    print(f"{args.family}: D={args.hidden} layers={args.layers} H={args.heads} kv={args.kv_heads} V={args.vocab}, "
+          f"{ours.config.num_parameters() / 1e6:.2f}M parameters, fp32, torch {torch.__version__}, "
+          f"transformers {transformers.__version__} ({args.attention} attention), {torch.get_num_threads()} threads, "
+          f"{platform.machine()}")
+    print(f"{args.prompts} prompts of {args.min_prompt}-{args.max_prompt} ids x G={args.group}, {args.new_tokens} new "
+          f"tokens: ours {ours_rate:,.0f} tok/s, transformers generate {peer_rate:,.0f} "
+          f"tok/s, ratio {ours_rate / peer_rate:.2f}")
+    print(json.dumps({
+        "bench": "generate_speed", "family": args.family, "hidden": args.hidden, "layers": args.layers,
+        "vocab": args.vocab, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
+        "peer_attention": args.attention, "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "ours_tokens_per_s": ours_rate, "peer_tokens_per_s": peer_rate,
+        "speed_ratio": ours_rate / peer_rate,
+    }))
+
+
+if __name__ == "__main__":
+    main()
