@@ -105,7 +105,9 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     # that reaches the total, which has a probability above 0 (keyed uniforms stay below 1 - 2^-52
     # and never get here)
     overflow = ids == probs.shape[-1]
-    return torch.where(overflow, cumulative.argmax(-1), ids)
+    if overflow.any():
+        ids = torch.where(overflow, cumulative.argmax(-1), ids)
+    return ids
 
 
 @torch.no_grad()
