@@ -43,10 +43,23 @@ def token_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, m
     return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
 
 
+# Logits from which token_cross_entropy and the SFT loss chunk: 2^25 is 128 MiB in fp32. Below it the
+# (N, V) intermediates of F.cross_entropy are small, and the plain call needs no compilation. At the
+# default run's size (about 6M logits) both took the same time per step (BENCHMARKS.md).
+CHUNKED_CROSS_ENTROPY_MIN_LOGITS = 2 ** 25
+
+
+def use_chunked_cross_entropy(logits: torch.Tensor) -> bool:
+    return logits.numel() >= CHUNKED_CROSS_ENTROPY_MIN_LOGITS
+
+
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                         compile: bool = True) -> torch.Tensor:
-    """Same value and gradient as token_cross_entropy_reference, computed in chunks of rows by
-    masked_cross_entropy, so no (B, T, V) softmax or log-softmax tensor is ever stored."""
+    """Same value and gradient as token_cross_entropy_reference. Large logits go through
+    masked_cross_entropy in chunks of rows, so no (B, T, V) softmax or log-softmax is ever stored;
+    smaller ones through the reference itself."""
+    if not use_chunked_cross_entropy(logits):
+        return token_cross_entropy_reference(logits, targets, mask)
     return masked_cross_entropy(logits, targets, mask, compile).sum()
 
 

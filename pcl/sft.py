@@ -24,7 +24,7 @@ from data import Row, format_prompt
 from model.tokenizer import ANSWER, ANSWER_END, THINK, THINK_END, Tokenizer
 from pcl import rewards
 from pcl.losses import (masked_cross_entropy, score_regression_fused, score_regression_reference,
-                        token_cross_entropy_reference)
+                        token_cross_entropy_reference, use_chunked_cross_entropy)
 from pcl.sequence import (EVALUATION_TRACK, REASONING_TRACK, Segment, Sequence, collate, completion_text,
                           evaluation_track, first_score_mask, prompt_ids, target_mask)
 
@@ -188,8 +188,9 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
 
     Each term is a sum over its valid positions divided by `counts` (from sft_counts), the step's
     normalisers; by default they are counted on this batch, so each term is a mean over its own
-    positions. `reference` uses the eager reference losses instead of the chunked cross-entropy and
-    the fused score regression; `compile` runs those two through torch.compile.
+    positions. `reference` uses the eager reference losses instead of the chunked cross-entropy (which
+    only large logits take) and the fused score regression; `compile` runs those two through
+    torch.compile.
     """
     device = next(model.parameters()).device  # also when a DistributedDataParallel wraps the model
     counts = counts or sft_counts(reasoning, evaluation)
@@ -203,7 +204,7 @@ def sft_loss(model, reasoning: list[Sequence], evaluation: list[EvalExample], sc
     # the evaluation track's completion is REASONING too, so each track's rows are selected explicitly
     reason_mask = target_mask(segment_ids, REASONING_TRACK) & is_reasoning_row[:, None]
     eval_mask = target_mask(segment_ids, EVALUATION_TRACK) & ~is_reasoning_row[:, None]
-    if reference:
+    if reference or not use_chunked_cross_entropy(logits):
         sum_reason = token_cross_entropy_reference(logits, targets, reason_mask)
         sum_eval = token_cross_entropy_reference(logits, targets, eval_mask)
     else:

@@ -24,6 +24,24 @@ def random_logits(B, T, V, seed=0):
 COMPILE_MODES = [pytest.param(False, id="eager"), pytest.param(True, id="compiled")]
 
 
+@pytest.fixture(autouse=True)
+def chunk_all_logits(monkeypatch):
+    # token_cross_entropy chunks only large logits; the small ones of these tests must take that path too
+    monkeypatch.setattr(losses, "CHUNKED_CROSS_ENTROPY_MIN_LOGITS", 0)
+
+
+def test_small_logits_take_the_reference(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNKED_CROSS_ENTROPY_MIN_LOGITS", 3 * 7 * 13 + 1)
+    monkeypatch.setattr(losses, "masked_cross_entropy", None)  # calling it would raise
+    logits = random_logits(3, 7, 13, seed=2)
+    targets = torch.randint(0, 13, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)) < 0.6
+    value, grad = cross_entropy_value_and_grad(token_cross_entropy, logits, targets, mask)
+    expected_value, expected_grad = cross_entropy_value_and_grad(token_cross_entropy_reference, logits, targets, mask)
+    assert torch.equal(value, expected_value)
+    assert torch.equal(grad, expected_grad)
+
+
 @pytest.mark.parametrize("compile", COMPILE_MODES)
 def test_cross_entropy_by_hand(compile):
     logits = random_logits(2, 5, 11)

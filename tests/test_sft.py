@@ -7,7 +7,7 @@ import torch
 from data import Row, format_prompt
 from model.config import ModelConfig
 from model.transformer import Transformer
-from pcl import rewards
+from pcl import losses, rewards
 from pcl.sequence import EVALUATION_TRACK, REASONING_TRACK, Segment, collate, prompt_ids, reasoning_track, target_mask
 from pcl.sft import (EvaluationTrack, ScoreHead, SFTConfig, corrupt_completion, gold_completion, sft_backward,
                      sft_counts, sft_loss)
@@ -138,20 +138,23 @@ def batch(tok):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_fused_and_reference_agree(tok, batch, compile):
+@pytest.mark.parametrize("chunk_from", [0, None], ids=["chunked", "plain"])
+def test_fused_and_reference_agree(tok, batch, compile, chunk_from, monkeypatch):
+    if chunk_from is not None:  # the test's logits are far below the size that chunks by default
+        monkeypatch.setattr(losses, "CHUNKED_CROSS_ENTROPY_MIN_LOGITS", chunk_from)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
     model.init_weights(seed=0)
     head = ScoreHead(tok, WEIGHTS, "cpu")
-    losses, grads, terms = [], [], []
+    values, grads, terms = [], [], []
     for reference in (True, False):
         model.zero_grad()
         loss, stats = sft_loss(model, *batch, head, SFTConfig(), tok.pad_id, compile=compile, reference=reference)
         loss.backward()
-        losses.append(loss.item())
+        values.append(loss.item())
         grads.append(model.lm_head.weight.grad.clone())
         terms.append([stats[key] for key in ("sft_reason", "sft_eval", "sft_score")])
-    assert abs(losses[0] - losses[1]) < 1e-5
+    assert abs(values[0] - values[1]) < 1e-5
     assert terms[0] == pytest.approx(terms[1], abs=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
