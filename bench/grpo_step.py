@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import distributed  # noqa: E402
 import pcl.grpo  # noqa: E402
 import train  # noqa: E402
 from data import load_rows  # noqa: E402
 from pcl import rewards  # noqa: E402
 from pcl.sft import ScoreHead  # noqa: E402
+from train_state import CheckpointStore  # noqa: E402
 
 PHASES = ["rollout", "reward", "reference forward", "policy forward/backward", "SFT forward/backward", "other"]
 
@@ -73,13 +75,18 @@ def main():
             argv += ["--init", options.init]
         args = train.parse_args(argv)
         train.seed_everything(args.seed)
-        device = train.select_device(args.device)
+        ctx = distributed.setup(args.device)
         weights = rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
         train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
-        tok, model = train.build_model(args, train_rows, weights, Path(folder))
-        model.to(device)
-        score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
-        trainer = train.Trainer(args, tok, model, score_head, train_rows, [], weights, device, Path(folder))
+        if args.init:
+            tok, model = train.build_model(args, train_rows, weights, Path(folder))
+        else:
+            tok = train.scratch_tokenizer(args, train_rows, weights, Path(folder))
+            model = train.scratch_model(args, tok)
+        model.to(ctx.device)
+        score_head = ScoreHead(tok, weights, ctx.device) if args.lambda_score > 0 else None
+        store = CheckpointStore(Path(folder) / "checkpoints", args.keep)
+        trainer = train.Trainer(args, tok, model, score_head, train_rows, [], weights, ctx, Path(folder), store)
 
         timer = PhaseTimer()
         pcl.grpo.generate = timer.timed("rollout", pcl.grpo.generate)
@@ -88,18 +95,17 @@ def main():
         trainer.sft_backward = timer.timed("SFT forward/backward", trainer.sft_backward)
         trainer.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         trainer.ref_model.forward = timer.timed("reference forward", trainer.ref_model.forward)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+        trainer.optimizer = trainer.new_optimizer(train.Stage("hybrid", options.steps + 1, args.lr))
         model.train()
 
-        trainer.rl_step(optimizer, with_sft=True)  # warm-up
+        trainer.rl_step(with_sft=True)  # warm-up
         timer.seconds.clear()
         start = time.perf_counter()
         lengths = []
         for _ in range(options.steps):
-            stats = trainer.rl_step(optimizer, with_sft=True)
+            stats = trainer.rl_step(with_sft=True)
             lengths.append(stats["completion_length"])
         total = time.perf_counter() - start
-        trainer.metrics_file.close()
 
     seconds = dict(timer.seconds)
     seconds["policy forward/backward"] -= seconds.get("reference forward", 0.0)  # timed inside grpo_backward
