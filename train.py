@@ -44,7 +44,7 @@ from tqdm import tqdm
 import distributed
 from data import DATASETS, DataError, Row, RowError, format_prompt, load_rows
 from eval.evaluate import answer_and_grade, summarize
-from model.checkpoint import atomic_write, check_tokenizer_fits, load_pretrained, save_pretrained, write_json
+from model.checkpoint import atomic_write, load_model_and_tokenizer, save_pretrained, write_json
 from model.config import PRESETS, ModelConfig
 from model.generate import generate, row_key
 from model.tokenizer import Tokenizer, train_tokenizer
@@ -381,28 +381,7 @@ def tokenizer_texts(task: str, rows: list[Row], weights: rewards.RewardWeights) 
 
 def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transformer]:
     if args.init:
-        model = load_pretrained(args.init, dtype=torch.float32)
-        tok = Tokenizer.from_folder(args.init)
-        rows = model.model.embed_tokens.weight.shape[0]
-        added = set(tok.added_ids)
-        largest = max(i for i in tok.tk.get_vocab(with_added_tokens=True).values() if i not in added)
-        if largest >= rows:
-            raise ValueError(f"--init {args.init}: tokenizer.json has ids up to {largest} but the model's embedding "
-                             f"matrix has {rows} rows, so the tokenizer does not belong to this model; put the "
-                             "model's own tokenizer.json in the folder")
-        if tok.added_ids:
-            known = min(tok.added_ids)  # the ids below were trained with the model
-            if tok.vocab_size > model.config.vocab_size:
-                log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
-                model.resize_token_embeddings(tok.vocab_size)
-            # new tags start at the mean embedding, also where they take unused padding rows
-            with torch.no_grad():
-                for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
-                    weight[tok.added_ids] = weight[:known].mean(0)
-            log.info("added %d PCL tokens to the tokenizer of %s", len(tok.added_ids), args.init)
-        check_tokenizer_fits(model, tok)
-        return tok, model
-
+        return load_model_and_tokenizer(args.init, dtype=torch.float32)
     tok = scratch_tokenizer(args, train_rows, weights, out)
     return tok, scratch_model(args, tok)
 
