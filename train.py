@@ -42,8 +42,9 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from data import DATASETS, DataError, Row, RowError, format_prompt, load_rows
-from eval.evaluate import answer_and_grade, summarize
+from data import DATASETS, MAX_NEW_TOKENS, DataError, Row, RowError, format_prompt, load_rows
+from eval.evaluate import answer_and_grade
+from eval.metrics import summarize
 from model.checkpoint import atomic_write, load_model_and_tokenizer, save_pretrained, write_json
 from model.config import PRESETS, ModelConfig
 from model.generate import generate, row_key
@@ -65,10 +66,10 @@ log = logging.getLogger("train")
 # finish in minutes on two CPU cores; the real datasets have much longer answers, and a model trained
 # there from scratch is a smoke test, so their warm-up is short.
 DATASET_DEFAULTS = {
-    "synthetic": dict(warmup_steps=1500, max_new_tokens=96),
-    "gsm8k": dict(warmup_steps=100, max_new_tokens=320),
-    "strategyqa": dict(warmup_steps=100, max_new_tokens=256),
-    "mathqa": dict(warmup_steps=100, max_new_tokens=320),
+    "synthetic": dict(warmup_steps=1500, max_new_tokens=MAX_NEW_TOKENS["synthetic"]),
+    "gsm8k": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["gsm8k"]),
+    "strategyqa": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["strategyqa"]),
+    "mathqa": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["mathqa"]),
 }
 
 # Options that may differ between a run and its resumption. None changes what a step computes:
