@@ -21,8 +21,8 @@ ends with EOS after the answer, and their inference stops at EOS.
 Starting model. All methods of a (dataset, seed) start from the same weights and tokenizer:
 --init DIR when given, else a model trained here from random weights (drawn from the seed) with
 --base-steps steps of plain SFT, the "start" row. A random model cannot do RL, and the methods are
-meant to be compared as continued training of a model that already answers in the format, as the
-paper's pretrained models do. The starting model has seen no post-completion text, so every PCL
+meant to be compared as continued training of a model that already answers in the format, as a
+pretrained language model does. The starting model has seen no post-completion text, so every PCL
 method has to learn the marker and the evaluation within its budget, as it would when starting
 from a pretrained model. pcl-rl gets its cold start, dual-track SFT, inside its budget, split like
 sft-grpo's: half SFT, half RL. Without it, GRPO alone would never sample the post-completion part
@@ -34,7 +34,7 @@ training questions per training signal: P reasoning-track questions for SFT, P G
 both signals. The unit is optimizer steps rather than training tokens because tokens do not
 measure the same thing across methods: GRPO spends tokens on G samples of each prompt, SFT on one
 gold answer, and PCL also on the post-completion part. Equal tokens would give the RL methods far
-fewer updates, and the PCL methods fewer than the baselines, for the part that the method adds.
+fewer updates, and the PCL methods fewer than the baselines because their extra part costs tokens.
 The learning-rate schedule counts steps too. The tables report what each cell trained on, in
 steps per phase and in tokens, and its wall time, so that the budget can be checked.
 
@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository, where train.py 
 
 @dataclass(frozen=True)
 class Method:
-    """How train.py trains one method within a budget of N optimizer steps."""
+    """Recipe of one method as train.py options, for a budget of N optimizer steps."""
 
     phase: str  # train.py --phase
     post_completion: bool
@@ -111,8 +111,8 @@ CONTROLLED = {"--phase", "--init", "--steps", "--warmup-steps", "--lr", "--warmu
 #   cpu: the synthetic task with 8 methods and 3 seeds on 2 CPU cores in about 90 minutes, from a
 #        0.8M-parameter model trained here (RESULTS.md has the measured time).
 #   gpu: for a pretrained --init model on GPUs, evaluated on the whole test splits.
-# NOTE: the gpu sizes and learning rate are our guess for models of 1.5B to 8B parameters, not
-# settings from the paper, and this scale has not been run.
+# NOTE: the gpu sizes and learning rate are a guess for models of 1.5B to 8B parameters, and this
+# scale has not been run.
 SCALES = {
     "cpu": dict(budget=100, prompts_per_step=8, group_size=8, base_steps=1500, eval_examples=200, lr=3e-4,
                 dtype="float32"),
