@@ -106,27 +106,36 @@ def answer_and_grade(model, tok: Tokenizer, task: str, rows: list[Row], weights:
                 "correct_probability": None,
             })
 
-        # the probability of correctness, for the rows that predicted a reward
-        reward_id = tok.token_id(REWARD)
-        predicted = [i for i in continuations if batch_records[i]["predicted_reward"] is not None]
-        # position of the first <reward> id, which a reward parsed from the text usually has
-        positions = {i: continuations[i].index(reward_id) for i in predicted
-                     if reward_id in continuations[i][:-1]}
-        prefixes = [prompts[i] + answers.tokens[i] + continuations[i][:k + 1] for i, k in positions.items()]
-        distributions = dict(zip(positions, score_distributions(model, score_head, tok.pad_id, prefixes)))
-        for i in predicted:
-            record = batch_records[i]
-            distribution = distributions.get(i)
-            predicted_id = continuations[i][positions[i] + 1] if i in positions else None
-            if distribution is None or predicted_id not in score_head.ids.tolist():
-                record["correct_probability"] = accuracy_component(record["predicted_reward"], record["format"],
-                                                                   weights)
-            else:
-                record["correct_probability"] = expected_accuracy(distribution, score_head.values.tolist(),
-                                                                  record["format"], weights)
+        add_correct_probabilities(model, tok, weights, score_head, prompts, answers.tokens, continuations,
+                                  batch_records)
         records += batch_records
     model.train(was_training)
     return records
+
+
+def add_correct_probabilities(model, tok: Tokenizer, weights: rewards.RewardWeights, score_head: ScoreHead | None,
+                              prompts: list[list[int]], answers: list[list[int]], continuations: dict[int, list[int]],
+                              records: list[dict]):
+    """Set the probability of a right answer in the records of the rows that predicted a reward.
+
+    `continuations` maps a row's index to the ids generated after its marker. The probability comes
+    from the model's distribution after the first <reward> id, which a reward parsed from the text
+    usually has; see the module docstring for the fallback.
+    """
+    reward_id = tok.token_id(REWARD)
+    predicted = [i for i in continuations if records[i]["predicted_reward"] is not None]
+    positions = {i: continuations[i].index(reward_id) for i in predicted if reward_id in continuations[i][:-1]}
+    prefixes = [prompts[i] + answers[i] + continuations[i][:k + 1] for i, k in positions.items()]
+    distributions = dict(zip(positions, score_distributions(model, score_head, tok.pad_id, prefixes)))
+    for i in predicted:
+        record = records[i]
+        distribution = distributions.get(i)
+        predicted_id = continuations[i][positions[i] + 1] if i in positions else None
+        if distribution is None or predicted_id not in score_head.ids.tolist():
+            record["correct_probability"] = accuracy_component(record["predicted_reward"], record["format"], weights)
+        else:
+            record["correct_probability"] = expected_accuracy(distribution, score_head.values.tolist(),
+                                                              record["format"], weights)
 
 
 def expected_accuracy(probabilities: list[float], values: list[float], fmt: int,
