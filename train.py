@@ -17,7 +17,9 @@ Without --init the model starts from random weights, so the rl and hybrid phases
 
 --no-post-completion trains the baselines that PCL is compared with: the same prompt and answer
 tags, the sequence ends with EOS right after the answer, there is no evaluation track and no
-consistency reward, and inference stops at EOS.
+consistency reward, and inference stops at EOS. Its SFT, the warm-up's too, is the reasoning
+track alone.
+
 Outputs in --out: run_config.json, metrics.jsonl (one JSON object per step), summary.json,
 eval_samples.jsonl, the tokenizer, the final model in model/ (HF layout), and checkpoints/
 (see train_state.py). SIGINT or SIGTERM stops the run after the current step and a checkpoint.
@@ -158,7 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="peak learning rate of the requested phase (default: --warmup-lr for sft without "
                           "--init, else 2e-5)")
     opt.add_argument("--warmup-steps", type=int,
-                     help="dual-track SFT steps run before rl or hybrid, with their own learning-rate schedule "
+                     help="SFT steps run before rl or hybrid, with their own learning-rate schedule "
                           "(default: without --init 1500 on synthetic and 100 on the other datasets; with "
                           "--init 0)")
     opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those warm-up SFT steps")
