@@ -11,8 +11,10 @@ Methods, each one train.py run per (dataset, seed):
     sft-grpo            plain SFT for half the budget, then plain GRPO
     pcl-sft             dual-track SFT (--phase sft)
     pcl-rl              dual-track SFT for half the budget, then white-box GRPO (--phase rl)
-    pcl-hybrid          GRPO plus dual-track SFT in every step (--phase hybrid)
-    pcl-no-eval-track   pcl-hybrid without the evaluation track: no graded answers, no score regression
+    pcl-hybrid          dual-track SFT for half the budget, then GRPO plus dual-track SFT in every
+                        step (--phase hybrid)
+    pcl-no-eval-track   pcl-hybrid without the evaluation track in either half: no graded answers,
+                        no score regression
     pcl-no-consistency  pcl-hybrid with consistency reward weight 0 (--w-con 0)
 
 The baselines (sft, grpo, sft-grpo) use the same prompts and answer tags as PCL; their sequence
@@ -24,9 +26,16 @@ Starting model. All methods of a (dataset, seed) start from the same weights and
 meant to be compared as continued training of a model that already answers in the format, as a
 pretrained language model does. The starting model has seen no post-completion text, so every PCL
 method has to learn the marker and the evaluation within its budget, as it would when starting
-from a pretrained model. pcl-rl gets its cold start, dual-track SFT, inside its budget, split like
-sft-grpo's: half SFT, half RL. Without it, GRPO alone would never sample the post-completion part
-that the consistency reward pays for.
+from a pretrained model.
+
+Cold start and learning rates. The PCL methods with RL spend the first half of their budget on
+dual-track SFT, the same split as sft-grpo's: half SFT in the method's own format, then half RL.
+GRPO alone would never sample the post-completion part that the consistency reward pays for. SFT
+steps use --sft-lr and GRPO and hybrid steps --rl-lr, whatever the method, because on the cpu
+scale one rate did not serve both: at the SFT rate GRPO and hybrid steps broke the small model's
+answers, and at the RL rate the SFT part of a hybrid step learned the new tags too slowly
+(RESULTS.md lists the runs). grpo needs no cold start because the starting model already writes
+its format.
 
 Budget. Every method gets --budget optimizer steps, and each step draws --prompts-per-step
 training questions per training signal: P reasoning-track questions for SFT, P GRPO prompts with
@@ -92,12 +101,12 @@ METHODS = {
     "sft-grpo": Method("rl", post_completion=False, cold_start=True),
     "pcl-sft": Method("sft", post_completion=True),
     "pcl-rl": Method("rl", post_completion=True, cold_start=True),
-    "pcl-hybrid": Method("hybrid", post_completion=True),
-    # no graded answers in the SFT part, so only the consistency reward teaches the evaluation
-    "pcl-no-eval-track": Method("hybrid", post_completion=True,
+    "pcl-hybrid": Method("hybrid", post_completion=True, cold_start=True),
+    # no graded answers in the SFT parts, so only the consistency reward teaches the evaluation
+    "pcl-no-eval-track": Method("hybrid", post_completion=True, cold_start=True,
                                 flags=("--eval-track-batch-size", "0", "--sample-every", "0", "--cold-start-examples",
                                        "0", "--lambda-eval", "0", "--lambda-score", "0")),
-    "pcl-no-consistency": Method("hybrid", post_completion=True, flags=("--w-con", "0")),
+    "pcl-no-consistency": Method("hybrid", post_completion=True, cold_start=True, flags=("--w-con", "0")),
 }
 START = "start"  # the row of the starting model
 TIMING = "timing.json"  # in a cell's folder: the wall time of its commands
@@ -114,10 +123,10 @@ CONTROLLED = {"--phase", "--init", "--steps", "--warmup-steps", "--lr", "--warmu
 # NOTE: the gpu sizes and learning rate are a guess for models of 1.5B to 8B parameters, and this
 # scale has not been run.
 SCALES = {
-    "cpu": dict(budget=100, prompts_per_step=8, group_size=8, base_steps=1500, eval_examples=200, lr=3e-4,
-                dtype="float32"),
-    "gpu": dict(budget=500, prompts_per_step=32, group_size=8, base_steps=1500, eval_examples=0, lr=1e-6,
-                dtype="bfloat16"),
+    "cpu": dict(budget=200, prompts_per_step=8, group_size=8, base_steps=1500, eval_examples=200, sft_lr=1e-3,
+                rl_lr=1e-4, dtype="float32"),
+    "gpu": dict(budget=500, prompts_per_step=32, group_size=8, base_steps=1500, eval_examples=0, sft_lr=1e-5,
+                rl_lr=1e-6, dtype="bfloat16"),
 }
 
 # Metrics in the tables: summary.json key, column label, decimals.
@@ -186,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pretrained --init model on GPUs (default: cpu)")
     sizes = p.add_argument_group("sizes (default: from --scale)")
     sizes.add_argument("--budget", type=int,
-                       help="optimizer steps per method (cpu: 100, gpu: 500); each step draws --prompts-per-step "
+                       help="optimizer steps per method (cpu: 200, gpu: 500); each step draws --prompts-per-step "
                             "training questions per training signal")
     sizes.add_argument("--prompts-per-step", type=int,
                        help="training questions per optimizer step: SFT batch, GRPO prompts and evaluation-track "
@@ -197,7 +206,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "--init (cpu and gpu: 1500)")
     sizes.add_argument("--eval-examples", type=int,
                        help="held-out rows evaluated per cell, 0 for all (cpu: 200, gpu: 0)")
-    sizes.add_argument("--lr", type=float, help="peak learning rate of every method and phase (cpu: 3e-4, gpu: 1e-6)")
+    sizes.add_argument("--sft-lr", type=float,
+                       help="peak learning rate of SFT steps, cold starts included, in every method (cpu: 1e-3, "
+                            "gpu: 1e-5)")
+    sizes.add_argument("--rl-lr", type=float,
+                       help="peak learning rate of GRPO and hybrid steps in every method (cpu: 1e-4, gpu: 1e-6)")
     sizes.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (cpu: float32, gpu: bfloat16)")
     run = p.add_argument_group("running")
     run.add_argument("--train-args", default="",
@@ -223,8 +236,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("eval_examples", 0), ("nproc_per_node", 1)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        p.error(f"--lr must be a positive finite number, got {args.lr}")
+    for name in ("sft_lr", "rl_lr"):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive finite number, got {value}")
     if any(METHODS[m].cold_start for m in args.methods) and args.budget < 2:
         p.error(f"--budget must be at least 2 for methods that split it into SFT and RL, got {args.budget}")
     real = [d for d in args.data if d != "synthetic"]
@@ -241,8 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--train-args: {e}")
     controlled = sorted({flag for flag in (option_name(word) for word in args.train_args) if flag in CONTROLLED})
     if controlled:
-        p.error(f"--train-args: {', '.join(controlled)} are set by the tables for every run (see --budget, --lr, "
-                "--scale and the method definitions); leave them out")
+        p.error(f"--train-args: {', '.join(controlled)} are set by the tables for every run (see --budget, "
+                "--sft-lr, --rl-lr, --scale and the method definitions); leave them out")
     args.name = args.name or "+".join(args.data)
     return args
 
@@ -309,9 +324,10 @@ def method_flags(args, method: Method, data: str, seed: int, init: Path, out: Pa
     """train.py options of one method's cell."""
     budget = args.budget
     warmup = budget // 2 if method.cold_start else 0
+    lr = args.sft_lr if method.phase == "sft" else args.rl_lr
     flags = ["--phase", method.phase, "--init", str(init), *data_flags(args, data), "--seed", str(seed),
-             "--steps", str(budget - warmup), "--warmup-steps", str(warmup), "--lr", str(args.lr),
-             "--warmup-lr", str(args.lr), "--batch-size", str(args.prompts_per_step),
+             "--steps", str(budget - warmup), "--warmup-steps", str(warmup), "--lr", str(lr),
+             "--warmup-lr", str(args.sft_lr), "--batch-size", str(args.prompts_per_step),
              "--prompts-per-step", str(args.prompts_per_step), "--group-size", str(args.group_size),
              "--eval-examples", str(args.eval_examples), "--dtype", args.dtype, "--device", args.device,
              "--keep", "1"]
@@ -538,7 +554,8 @@ def markdown(args, built: dict, command: str, wall_seconds: float) -> str:
              "seed could compute, such as MAE without a parsable predicted reward or AUROC when every answer was "
              "right.", "",
              f"Budget: {args.budget} optimizer steps per method, {args.prompts_per_step} training questions per "
-             f"step and training signal, {args.group_size} GRPO samples per question, learning rate {args.lr:g}. "
+             f"step and training signal, {args.group_size} GRPO samples per question, learning rate "
+             f"{args.sft_lr:g} in SFT steps and {args.rl_lr:g} in GRPO and hybrid steps. "
              + (f"Starting model: {args.init}." if args.init else
                 f"Starting model (`start`): {args.base_steps} plain SFT steps from random weights, one per dataset "
                 "and seed."), "",
@@ -613,7 +630,8 @@ def write_tables(args, cells: list[Cell], wall_seconds: float):
                               "signal",
                "options": {key: getattr(args, key) for key in ("data", "methods", "seeds", "init", "scale", "budget",
                                                                "prompts_per_step", "group_size", "base_steps",
-                                                               "eval_examples", "lr", "dtype", "train_args")},
+                                                               "eval_examples", "sft_lr", "rl_lr", "dtype",
+                                                               "train_args")},
                "tokens_per_answer_vs_sft": {data: tokens_ratios(built, data) for data in args.data},
                **built}
     write_json(folder / "table.json", content)

@@ -41,7 +41,8 @@ def test_methods_share_start_and_budget(tmp_path):
         assert options["batch_size"] == 2, cell.method
         assert options["prompts_per_step"] == 2, cell.method
         assert options["group_size"] == 2, cell.method
-        assert options["lr"] == options["warmup_lr"] == args.lr, cell.method
+        assert options["lr"] == (args.sft_lr if options["phase"] == "sft" else args.rl_lr), cell.method
+        assert options["warmup_lr"] == args.sft_lr, cell.method
         assert options["seed"] == 0, cell.method
         assert options["post_completion"] == cell.method.startswith("pcl-"), cell.method
         if options["post_completion"] and cell.method != "pcl-no-eval-track":  # the ablation has none
@@ -50,8 +51,8 @@ def test_methods_share_start_and_budget(tmp_path):
 
 @pytest.mark.parametrize("method, phase, warmup, steps", [
     ("sft", "sft", 0, 10), ("grpo", "rl", 0, 10), ("sft-grpo", "rl", 5, 5), ("pcl-sft", "sft", 0, 10),
-    ("pcl-rl", "rl", 5, 5), ("pcl-hybrid", "hybrid", 0, 10), ("pcl-no-eval-track", "hybrid", 0, 10),
-    ("pcl-no-consistency", "hybrid", 0, 10),
+    ("pcl-rl", "rl", 5, 5), ("pcl-hybrid", "hybrid", 5, 5), ("pcl-no-eval-track", "hybrid", 5, 5),
+    ("pcl-no-consistency", "hybrid", 5, 5),
 ])
 def test_method_recipe(tmp_path, method, phase, warmup, steps):
     args = sweep_args(tmp_path, "--methods", method, "--budget", "10")
@@ -104,7 +105,8 @@ def test_torchrun_launcher(tmp_path):
     (["--data", "gsm8k"], ["--data gsm8k reads local files: pass --data-root"]),
     (["--budget", "1", "--methods", "sft-grpo"], ["--budget must be at least 2"]),
     (["--seeds", "0"], ["--seeds must be at least 1"]),
-    (["--lr", "nan"], ["--lr must be a positive finite number"]),
+    (["--sft-lr", "nan"], ["--sft-lr must be a positive finite number"]),
+    (["--rl-lr", "0"], ["--rl-lr must be a positive finite number"]),
     (["--init", "/nonexistent/model"], ["--init /nonexistent/model: folder not found"]),
 ])
 def test_rejects_bad_options(capsys, flags, words):
@@ -240,7 +242,7 @@ def test_tiny_sweep_then_rerun_skips(tmp_path, caplog, monkeypatch):
     content = json.loads((folder / "table.json").read_text())
     assert all(cell["finished"] for cell in content["cells"])
     hybrid_cell = next(c for c in content["cells"] if c["method"] == "pcl-hybrid")
-    assert hybrid_cell["steps"] == {"hybrid": 2}
+    assert hybrid_cell["steps"] == {"sft": 1, "hybrid": 1}  # the cold start, then the hybrid half
 
     # the same command again skips every cell and trains nothing
     stamps = {path: path.stat().st_mtime_ns for path in runs.glob("*/seed-0/summary.json")}

@@ -222,3 +222,13 @@ def test_help_shows_zero_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "seed for data order, initialisation and sampling (default: 0)" in text
     assert "AdamW weight decay (default: 0.0)" in text
+
+
+def test_resume_rejects_changed_stage_plan(tmp_path, monkeypatch):
+    out = run(tmp_path, "--phase", "rl")  # an SFT warm-up stage, then the rl stage
+    # as if the code that plans the stages had changed since the run: no warm-up any more
+    monkeypatch.setattr(train, "plan_stages", lambda args: [train.Stage("rl", args.steps, args.lr)])
+    with pytest.raises(SystemExit) as raised:
+        train.main(["--resume", "--out", str(out)])
+    message = str(raised.value.code)
+    assert "stage 1 of the run was rl for 2 steps, but the options now plan no such stage" in message
