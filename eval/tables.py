@@ -361,7 +361,7 @@ def train_options(flags: list[str]) -> dict:
 
 
 def evaluate_command(args, data: str, seed: int, out: Path) -> list[str]:
-    """The evaluation of an --init starting model, with the length limit that the methods use."""
+    """Return the command that evaluates an --init starting model, with the length limit that the methods use."""
     resolved = train_options([*data_flags(args, data), *args.train_args])
     command = [sys.executable, "-m", "eval.evaluate", "--checkpoint", str(Path(args.init).resolve()),
                *data_flags(args, data), "--no-post-completion", "--seed", str(seed),
@@ -518,9 +518,11 @@ def build_table(args, cells: list[Cell]) -> dict:
 
 
 def format_entry(entry: dict, key: str, decimals: int, seeds: int, applies: bool) -> str:
-    """Format one table cell: mean ± std and the count of finished seeds when it is short of
-    `seeds`; "—" when no cell finished, "n/a" for a metric that does not apply to the method, and
-    "none" for one that no finished seed could compute."""
+    """Format one table cell as mean ± std, with the count of finished seeds when it is short of `seeds`.
+
+    A cell that no seed finished shows "—". A metric that does not apply to the method shows "n/a",
+    and one that no finished seed could compute shows "none".
+    """
     if entry["seeds_finished"] == 0:
         return "—"
     metric = entry[key]
@@ -655,15 +657,17 @@ def plot_accuracy(args, built: dict, path: Path) -> bool:
             log.info("matplotlib is not installed, so %s is not drawn (pip install matplotlib)", path)
             _logged_no_matplotlib = True
         return False
+
     rows = [START, *args.methods]
     width = 0.8 / len(rows)
     figure, axes = plt.subplots(figsize=(4.0 + 0.5 * len(args.data) * len(rows), 4.0))
     for i, method in enumerate(rows):
         entries = [built["table"][data][method]["accuracy"] for data in args.data]
-        means = [e["mean"] if e["mean"] is not None else 0.0 for e in entries]
+        means = [math.nan if e["mean"] is None else e["mean"] for e in entries]  # NaN: no bar for no result
         errors = [e["std"] or 0.0 for e in entries]
         positions = [d + (i - (len(rows) - 1) / 2) * width for d in range(len(args.data))]
         axes.bar(positions, means, width, yerr=errors, capsize=2, label=method)
+
     axes.set_xticks(range(len(args.data)), args.data)
     axes.set_ylabel("accuracy")
     axes.set_ylim(0, 1)
