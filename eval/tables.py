@@ -376,7 +376,10 @@ def option_mismatch(cell: Cell) -> str | None:
     """Describe how a finished train.py cell's options differ from the options it would get now."""
     if not cell.flags:
         return None
-    saved = json.loads((cell.folder / "run_config.json").read_text())
+    path = cell.folder / "run_config.json"
+    if not path.is_file():
+        return f"{path.name} is missing, so its options are unknown"
+    saved = json.loads(path.read_text())
     differences = train.option_differences(saved, train_options(cell.flags))
     return "; ".join(differences) or None
 

@@ -281,3 +281,20 @@ def test_train_args_cannot_change_budget(capsys, train_args, named):
     with pytest.raises(SystemExit):
         tables.parse_args([f"--train-args={train_args}"])
     assert f"--train-args: {named} are set by the tables" in capsys.readouterr().err
+
+
+def test_init_sweep_evaluates_start(tmp_path, tok, make_model, monkeypatch):
+    from model.checkpoint import save_pretrained
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    init = tmp_path / "init"
+    save_pretrained(make_model(vocab_size=tok.vocab_size), tok, init)
+    tables.main([*TINY, "--results", str(tmp_path / "results"), "--methods", "sft", "--init", str(init)])
+    runs = tmp_path / "results" / "synthetic" / "runs" / "synthetic"
+    start = json.loads((runs / START / "seed-0" / "summary.json").read_text())
+    assert start["checkpoint"] == str(init.resolve())
+    assert start["settings"]["post_completion"] is False
+    assert start["metrics"]["eval_examples"] == 4
+    assert json.loads((runs / "sft" / "seed-0" / "run_config.json").read_text())["init"] == str(init.resolve())
+    content = json.loads((tmp_path / "results" / "synthetic" / "table.json").read_text())
+    assert content["table"]["synthetic"][START]["seeds_finished"] == 1
