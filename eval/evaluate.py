@@ -11,12 +11,13 @@ true one. A model trained without post-completion (--no-post-completion) stops a
 no pass 2. eval.metrics defines the metrics.
 
 The predicted probability of correctness, which AUROC and calibration error measure, comes from the
-model's distribution at the position of its predicted reward: the position right after <reward> in
-its greedy continuation. Over the token ids of the values the true reward can take, renormalised,
-it is the probability of the values that imply a right answer, each value read through
-eval.metrics.accuracy_component with the answer's true format reward. When a reward value is more
-than one token, or the continuation does not put one of those ids there, the probability is the
-accuracy component of the parsed predicted reward itself: 0 or 1 in the usual cases.
+model's distribution at the position of its predicted reward, right after <reward> in its greedy
+continuation. There the model's probabilities of the ids of the possible reward values are
+renormalised over those ids. Each value implies an accuracy part, eval.metrics.accuracy_component
+given the answer's true format reward, and the probability of correctness is the expected
+accuracy part. When a reward value is more than one token, or the continuation has another id at
+that position, the probability is the accuracy part of the parsed predicted reward itself: 0 or 1
+in the usual cases.
 """
 
 import argparse
@@ -285,7 +286,13 @@ def main(argv=None):
         weights = rewards.RewardWeights(settings["w_acc"], settings["w_fmt"])
     except ValueError as e:
         sys.exit(f"error: {e}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            sys.exit(f"error: --device {args.device}: invalid device; use cpu, cuda, cuda:N or auto")
 
     try:
         rows = load_rows(args.data, "test", args.data_dir, limit=args.limit, seed=settings["seed"])

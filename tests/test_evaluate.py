@@ -196,6 +196,7 @@ def test_cli_run_on_other_dataset_keeps_length_default(run_folder):
     (["--data", "gsm8k"], ["--data gsm8k reads local files: pass --data-dir"]),
     (["--data", "synthetic", "--limit", "0"], ["--limit must be at least 1, got 0"]),
     (["--data", "synthetic", "--w-acc", "nan"], ["--w-acc must be a finite number >= 0"]),
+    (["--data", "synthetic", "--device", "gpu0"], ["--device gpu0: invalid device"]),
 ])
 def test_cli_rejects_bad_input(run_folder, capsys, flags, words):
     if "--checkpoint" not in flags:
