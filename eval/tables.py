@@ -619,6 +619,10 @@ def machine() -> dict:
     info = {"platform": platform.platform(), "processor": processor, "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass  # sysconf names are not available on every system
     if torch.cuda.is_available():
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -674,7 +678,8 @@ def plot_accuracy(args, built: dict, path: Path) -> bool:
     axes.set_xticks(range(len(args.data)), args.data)
     axes.set_ylabel("accuracy")
     axes.set_ylim(0, 1)
-    axes.set_title(f"{args.name}: accuracy by method, mean ± std over {args.seeds} seeds")
+    seeds = f"{args.seeds} seeds" if args.seeds > 1 else "1 seed"
+    axes.set_title(f"{args.name}: accuracy by method, mean ± std over {seeds}")
     axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -172,6 +172,7 @@ def test_table_from_finished_cells(tmp_path):
     assert content["tokens_per_answer_vs_sft"]["synthetic"]["pcl-sft"] == pytest.approx(1.05)
     assert content["options"]["budget"] == 2
     assert "cpu_count" in content["machine"]
+    assert content["machine"]["memory_gib"] > 0
 
 
 def test_accuracy_plot(tmp_path):
