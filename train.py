@@ -12,7 +12,14 @@ of it (whole GRPO groups), so a run gives the results of one process with the sa
 rounding; see distributed.py. Only rank 0 logs and writes files.
 
 Without --init the model starts from random weights, so the rl and hybrid phases first run
---warmup-steps dual-track SFT steps: GRPO needs a policy that already writes the format.
+--warmup-steps dual-track SFT steps: GRPO needs a policy that already writes the format. With
+--init they run them only when --warmup-steps is given.
+
+--no-post-completion trains the baselines that PCL is compared with: the same prompt and answer
+tags, the sequence ends with EOS right after the answer, there is no evaluation track and no
+consistency reward, and inference stops at EOS. Its SFT, the warm-up's too, is the reasoning
+track alone.
+
 Outputs in --out: run_config.json, metrics.jsonl (one JSON object per step), summary.json,
 eval_samples.jsonl, the tokenizer, the final model in model/ (HF layout), and checkpoints/
 (see train_state.py). SIGINT or SIGTERM stops the run after the current step and a checkpoint.
@@ -42,15 +49,16 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from data import DATASETS, DataError, Row, RowError, format_prompt, load_rows
-from eval.evaluate import answer_and_grade, summarize
-from model.checkpoint import atomic_write, check_tokenizer_fits, load_pretrained, save_pretrained, write_json
+from data import DATASETS, MAX_NEW_TOKENS, DataError, Row, RowError, format_prompt, load_rows
+from eval.evaluate import answer_and_grade
+from eval.metrics import summarize
+from model.checkpoint import atomic_write, load_model_and_tokenizer, save_pretrained, write_json
 from model.config import PRESETS, ModelConfig
 from model.generate import generate, row_key
 from model.tokenizer import Tokenizer, train_tokenizer
 from model.transformer import Transformer
 from pcl import rewards
-from pcl.grpo import GRPOConfig, collect_rollouts, grpo_backward, micro_batches, rollout_stats
+from pcl.grpo import GRPOConfig, collect_rollouts, grpo_backward, micro_batches, rollout_stats, white_box_reward_fns
 from pcl.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from pcl.sequence import prompt_ids, reasoning_track
 from pcl.sft import EvaluationTrack, ScoreHead, SFTConfig, gold_completion, sft_backward
@@ -65,10 +73,10 @@ log = logging.getLogger("train")
 # finish in minutes on two CPU cores; the real datasets have much longer answers, and a model trained
 # there from scratch is a smoke test, so their warm-up is short.
 DATASET_DEFAULTS = {
-    "synthetic": dict(warmup_steps=1500, max_new_tokens=96),
-    "gsm8k": dict(warmup_steps=100, max_new_tokens=320),
-    "strategyqa": dict(warmup_steps=100, max_new_tokens=256),
-    "mathqa": dict(warmup_steps=100, max_new_tokens=320),
+    "synthetic": dict(warmup_steps=1500, max_new_tokens=MAX_NEW_TOKENS["synthetic"]),
+    "gsm8k": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["gsm8k"]),
+    "strategyqa": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["strategyqa"]),
+    "mathqa": dict(warmup_steps=100, max_new_tokens=MAX_NEW_TOKENS["mathqa"]),
 }
 
 # Options that may differ between a run and its resumption. None changes what a step computes:
@@ -99,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run = p.add_argument_group("run")
     run.add_argument("--phase", choices=["sft", "rl", "hybrid"], default="hybrid",
                      help="sft: dual-track SFT; rl: GRPO with white-box rewards; hybrid: GRPO + lambda_sft * SFT each step")
+    run.add_argument("--post-completion", action=argparse.BooleanOptionalAction, default=True,
+                     help="train with the post-completion part; --no-post-completion trains a baseline whose "
+                          "sequence ends with EOS after the answer, without evaluation track or consistency "
+                          "reward, and whose inference stops at EOS")
     run.add_argument("--out", default="runs/default", help="run directory for outputs")
     run.add_argument("--steps", type=int, default=5,
                      help="steps of the requested phase: optimizer updates in sft, batches of rollouts (each with "
@@ -132,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--data", choices=DATASETS, default="synthetic", help="dataset")
     data.add_argument("--data-dir", help="folder with the dataset files (all datasets but synthetic)")
     data.add_argument("--train-examples", type=int, help="use only the first N training rows")
-    data.add_argument("--eval-examples", type=int, default=200, help="held-out rows evaluated at the end")
+    data.add_argument("--eval-examples", type=int, default=200, help="held-out rows evaluated at the end (0: all)")
     data.add_argument("--eval-batch-size", type=int, default=100, help="rows generated together at evaluation")
     data.add_argument("--skip-bad-rows", action="store_true",
                       help="skip invalid dataset rows, log the first ones, and report their count in summary.json "
@@ -149,8 +161,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="peak learning rate of the requested phase (default: --warmup-lr for sft without "
                           "--init, else 2e-5)")
     opt.add_argument("--warmup-steps", type=int,
-                     help="dual-track SFT steps run before rl or hybrid when there is no --init "
-                          "(default: 1500 on synthetic, 100 on the other datasets)")
+                     help="SFT steps run before rl or hybrid, with their own learning-rate schedule "
+                          "(default: without --init 1500 on synthetic and 100 on the other datasets; with "
+                          "--init 0)")
     opt.add_argument("--warmup-lr", type=float, default=3e-3, help="peak learning rate of those warm-up SFT steps")
     opt.add_argument("--lr-warmup", type=int, default=10, help="steps of linear learning-rate warm-up per stage")
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -234,6 +247,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.resume:
         args = resumed_options(p, args, argv)
+    if not args.post_completion:
+        warn_no_post_completion(explicit_options(p, argv))
+    if args.warmup_steps is None and args.init:
+        args.warmup_steps = 0  # a loaded model is expected to write the format already
     for key, value in DATASET_DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -313,10 +330,28 @@ def option_differences(run: dict, now: dict) -> list[str]:
             for key in sorted(run.keys() & now.keys()) if key not in RESUME_MAY_CHANGE and run[key] != now[key]]
 
 
+# Options that act only on the post-completion part, which a run with --no-post-completion lacks.
+POST_COMPLETION_OPTIONS = ("lambda_eval", "lambda_score", "eval_track_batch_size", "pool_size", "balance_eval_track",
+                           "cold_start_examples", "sample_every", "eval_track_samples", "eval_track_temperature",
+                           "eval_track_from_rollouts", "w_con", "graded_consistency", "split_advantage",
+                           "max_evaluation_tokens")
+
+
+def warn_no_post_completion(explicit: dict):
+    """Log the options given that act only on the post-completion part, which a run without it ignores.
+
+    They are not rejected, so that one set of options (a --config file, the flags that eval.tables
+    passes to every method) can serve the baselines and PCL alike. Under torchrun only rank 0 logs.
+    """
+    given = [f"--{name.replace('_', '-')}" for name in POST_COMPLETION_OPTIONS if name in explicit]
+    if given and os.environ.get("RANK", "0") == "0":
+        log.warning("--no-post-completion: ignoring %s, which act only on the post-completion part", ", ".join(given))
+
+
 def check_args(p: argparse.ArgumentParser, args):
     at_least = {"steps": 1, "batch_size": 1, "eval_track_batch_size": 0, "pool_size": 1, "cold_start_examples": 0,
                 "sample_every": 0, "eval_track_samples": 1, "prompts_per_step": 1, "max_new_tokens": 1,
-                "max_evaluation_tokens": 1, "eval_examples": 1, "eval_batch_size": 1, "log_every": 1,
+                "max_evaluation_tokens": 1, "eval_examples": 0, "eval_batch_size": 1, "log_every": 1,
                 "warmup_steps": 0, "lr_warmup": 1, "train_examples": 1, "vocab_size": 300, "inner_steps": 1,
                 "micro_batch_size": 0, "save_every": 0, "keep": 1, "max_bad_steps": 1}
     for action in p._actions:
@@ -382,28 +417,7 @@ def tokenizer_texts(task: str, rows: list[Row], weights: rewards.RewardWeights) 
 
 def build_model(args, train_rows, weights, out: Path) -> tuple[Tokenizer, Transformer]:
     if args.init:
-        model = load_pretrained(args.init, dtype=torch.float32)
-        tok = Tokenizer.from_folder(args.init)
-        rows = model.model.embed_tokens.weight.shape[0]
-        added = set(tok.added_ids)
-        largest = max(i for i in tok.tk.get_vocab(with_added_tokens=True).values() if i not in added)
-        if largest >= rows:
-            raise ValueError(f"--init {args.init}: tokenizer.json has ids up to {largest} but the model's embedding "
-                             f"matrix has {rows} rows, so the tokenizer does not belong to this model; put the "
-                             "model's own tokenizer.json in the folder")
-        if tok.added_ids:
-            known = min(tok.added_ids)  # the ids below were trained with the model
-            if tok.vocab_size > model.config.vocab_size:
-                log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
-                model.resize_token_embeddings(tok.vocab_size)
-            # new tags start at the mean embedding, also where they take unused padding rows
-            with torch.no_grad():
-                for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
-                    weight[tok.added_ids] = weight[:known].mean(0)
-            log.info("added %d PCL tokens to the tokenizer of %s", len(tok.added_ids), args.init)
-        check_tokenizer_fits(model, tok)
-        return tok, model
-
+        return load_model_and_tokenizer(args.init, dtype=torch.float32)
     tok = scratch_tokenizer(args, train_rows, weights, out)
     return tok, scratch_model(args, tok)
 
@@ -496,13 +510,13 @@ class Stage:
     phase: str  # "sft", "rl" or "hybrid"
     steps: int
     peak_lr: float
-    warmup: bool = False  # the SFT warm-up before rl or hybrid from scratch, evaluated when it ends
+    warmup: bool = False  # the SFT warm-up before rl or hybrid, evaluated when it ends
 
 
 def plan_stages(args) -> list[Stage]:
-    """Return the run's stages: without --init, rl and hybrid start with an SFT warm-up."""
+    """Return the run's stages: rl and hybrid start with --warmup-steps SFT steps, if any."""
     stages = []
-    if args.phase in ("rl", "hybrid") and not args.init and args.warmup_steps > 0:
+    if args.phase in ("rl", "hybrid") and args.warmup_steps > 0:
         stages.append(Stage("sft", args.warmup_steps, args.warmup_lr, warmup=True))
     stages.append(Stage(args.phase, args.steps, args.lr))
     return stages
@@ -584,8 +598,11 @@ class Trainer:
             inner_steps=args.inner_steps, micro_batch_size=args.micro_batch_size, scale_rewards=args.scale_rewards,
             loss_agg=args.loss_agg, mask_truncated=args.mask_truncated, split_advantage=args.split_advantage)
         self.score_head = score_head
+        self.reward_fns = white_box_reward_fns(args.data, weights, consistency=args.post_completion)
+        # without post-completion the evaluation track stays empty, so SFT is the reasoning track alone
         self.eval_track = EvaluationTrack(tok, args.data, weights, args.pool_size, args.balance_eval_track)
-        self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
+        if args.post_completion:
+            self.eval_track.cold_start(train_rows[:args.cold_start_examples], self.rng)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
                          else nullcontext())
         self.checkpoints = checkpoints
@@ -607,9 +624,9 @@ class Trainer:
         draws the whole batch, so the data order and self.rng stay the same on all of them."""
         rows = self.sampler.next(self.sft_cfg.batch_size)
         rows = [rows[i] for i in self.ctx.shard(len(rows))]
-        reasoning = [reasoning_track(self.tok, prompt_ids(self.tok, format_prompt(self.args.data, r)), gold_completion(r))
-                     for r in rows]
-        evaluation = self.eval_track.sample(self.sft_cfg.eval_batch_size, self.rng)
+        reasoning = [reasoning_track(self.tok, prompt_ids(self.tok, format_prompt(self.args.data, r)), gold_completion(r),
+                                     self.args.post_completion) for r in rows]
+        evaluation = self.eval_track.sample(self.sft_cfg.eval_batch_size if self.args.post_completion else 0, self.rng)
         evaluation = [evaluation[i] for i in self.ctx.shard(len(evaluation))]
         return reasoning, evaluation
 
@@ -689,8 +706,8 @@ class Trainer:
         keys = [row_key(self.args.seed, "rollout", self.step, i, j) for i in part for j in range(G)]
         with self.autocast, distributed.full_weights(self.model):
             rollouts = collect_rollouts(self.model, self.tok, self.args.data, [rows[i] for i in part], cfg,
-                                        self.weights, self.generator, row_keys=keys)
-        if with_sft and self.args.eval_track_from_rollouts:
+                                        self.weights, self.generator, reward_fns=self.reward_fns, row_keys=keys)
+        if with_sft and self.args.eval_track_from_rollouts and self.args.post_completion:
             # every process adds the rollouts of all, in the order of one process
             owners = [i for i in part for _ in range(G)]  # (B,) the prompt index of each local sample
             prompts = [prompt_ids(self.tok, format_prompt(self.args.data, row)) for row in rows]
@@ -834,7 +851,7 @@ class Trainer:
             group["lr"] = lr
 
         refresh = args.sample_every and stage_step % args.sample_every == args.sample_every - 1
-        if stage.phase in ("sft", "hybrid") and refresh:
+        if stage.phase in ("sft", "hybrid") and refresh and args.post_completion:
             self.refresh_evaluation_track()
         if stage.phase == "sft":
             stats = self.update(self.sft_backward)
@@ -843,7 +860,8 @@ class Trainer:
             stats = self.rl_step(with_sft=stage.phase == "hybrid")
             stats["loss"] = stats["grpo_loss"] + (args.lambda_sft * stats["sft_loss"] if stage.phase == "hybrid" else 0)
         dt = time.perf_counter() - t0
-        stats["tokens_per_s"] = self.ctx.sum([stats.pop("tokens")])[0] / dt
+        stats["tokens"] = int(self.ctx.sum([stats["tokens"]])[0])  # trained on in this step, all processes
+        stats["tokens_per_s"] = stats["tokens"] / dt
         return {"phase": stage.phase, "lr": lr, "dt": dt, **stats}
 
     def bad_updates_message(self) -> str:
@@ -915,7 +933,14 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.eval_track.load_state_dict(state["evaluation_track"])
         self.reference_step = state["reference_step"]
-        stage = stages[self.stage_index]
+        stage = stages[self.stage_index] if self.stage_index < len(stages) else None
+        schedule = state["schedule"]
+        if stage is None or (schedule["phase"], schedule["steps"]) != (stage.phase, stage.steps):
+            planned = f"{stage.phase} for {stage.steps} steps" if stage else "no such stage"
+            raise CheckpointError(
+                f"{checkpoint.folder / 'trainer_state.json'}: stage {self.stage_index} of the run was {schedule['phase']} "
+                f"for {schedule['steps']} steps, but the options now plan {planned}; resume with the code that "
+                "started the run, or start a new run in another --out")
         if self.stage_step < stage.steps:
             self.optimizer = self.new_optimizer(stage)
             if distributed.is_sharded(self.model):
@@ -943,9 +968,9 @@ class Trainer:
                 with self.autocast:
                     records = answer_and_grade(self.model, self.tok, self.args.data, rows, self.weights,
                                                self.args.eval_batch_size, self.args.max_new_tokens,
-                                               self.args.max_evaluation_tokens)
+                                               self.args.max_evaluation_tokens, self.args.post_completion)
         records = self.ctx.gather(records)
-        return summarize(records), records
+        return summarize(records, self.args.post_completion), records
 
 
 def format_log_line(record: dict, stage_step: int, steps: int) -> str:
@@ -975,7 +1000,7 @@ def load_data(args) -> tuple[list[Row], list[Row], int | None]:
     try:
         train_rows = load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed,
                                on_bad_row=on_bad_row)
-        test_rows = load_rows(args.data, "test", args.data_dir, limit=args.eval_examples, seed=args.seed,
+        test_rows = load_rows(args.data, "test", args.data_dir, limit=args.eval_examples or None, seed=args.seed,
                               on_bad_row=on_bad_row)
     except RowError as e:
         sys.exit(f"error: {e}, or pass --skip-bad-rows to skip invalid rows")
@@ -1154,7 +1179,7 @@ def train(args, ctx: Dist, started: float):
             # rank 0 trains the tokenizer or reads its cache, so that only it writes in --out
             tok = on_main(ctx, lambda: scratch_tokenizer(args, train_rows, weights, out))
             model = scratch_model(args, tok)
-        score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 else None
+        score_head = ScoreHead(tok, weights, device) if args.lambda_score > 0 and args.post_completion else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
@@ -1198,7 +1223,8 @@ def train(args, ctx: Dist, started: float):
     if not ctx.is_main:
         return
     summary = {**trainer.summary, **metrics}
-    summary.update({"phase": args.phase, "data": args.data, "steps": args.steps, "evaluation_track": trainer.eval_track.stats(),
+    summary.update({"phase": args.phase, "data": args.data, "steps": args.steps, "post_completion": args.post_completion,
+                    "evaluation_track": trainer.eval_track.stats(),
                     "skipped_updates": trainer.skipped_updates, "wall_seconds": time.time() - started})
     if ctx.enabled:
         summary["world_size"] = ctx.world_size

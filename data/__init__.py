@@ -53,6 +53,10 @@ BadRowHandler = Callable[[DataError], None]
 DATASETS = ("synthetic", "gsm8k", "strategyqa", "mathqa")
 SPLITS = ("train", "test")
 
+# Default length limit, in tokens, of a generated completion on each dataset. The real datasets'
+# gold reasoning is much longer than the synthetic task's.
+MAX_NEW_TOKENS = {"synthetic": 96, "gsm8k": 320, "strategyqa": 256, "mathqa": 320}
+
 # One plain-text template per dataset. Fields: {question}, and {options} for mathqa
 # (one "a) text" line per option). Every prompt ends with a newline, and the
 # completion that follows starts with "<think>". The synthetic template is the

@@ -6,6 +6,7 @@ are the HF names, so no renaming table is needed. Weights are read only through 
 """
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer, rope_inverse_frequencies
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -99,6 +102,37 @@ def load_pretrained(path: str | Path, device="cpu", dtype: torch.dtype | None = 
     # the rope buffer is not stored in checkpoints: build it on the real device
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model
+
+
+def load_model_and_tokenizer(path: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[Tokenizer, Transformer]:
+    """Load an HF-layout folder as a model and its tokenizer with the PCL tags added.
+
+    Tags that the folder's tokenizer lacks get new ids. When those ids do not fit the embedding
+    matrix, it grows to fit them. Each new id's input and output embedding start at the mean of the
+    ids the model was trained with, also where the id takes an unused padding row. Raises
+    ValueError when the tokenizer does not belong to the model.
+    """
+    folder = Path(path)
+    model = load_pretrained(folder, dtype=dtype)
+    tok = Tokenizer.from_folder(folder)
+    rows = model.model.embed_tokens.weight.shape[0]
+    added = set(tok.added_ids)
+    largest = max(i for i in tok.tk.get_vocab(with_added_tokens=True).values() if i not in added)
+    if largest >= rows:
+        raise ValueError(f"{folder}: tokenizer.json has ids up to {largest} but the model's embedding "
+                         f"matrix has {rows} rows, so the tokenizer does not belong to this model; put the "
+                         "model's own tokenizer.json in the folder")
+    if tok.added_ids:
+        known = min(tok.added_ids)  # the ids below were trained with the model
+        if tok.vocab_size > model.config.vocab_size:
+            log.info("resizing embeddings %d -> %d for the PCL tokens", model.config.vocab_size, tok.vocab_size)
+            model.resize_token_embeddings(tok.vocab_size)
+        with torch.no_grad():
+            for weight in {id(w): w for w in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+                weight[tok.added_ids] = weight[:known].mean(0)
+        log.info("added %d PCL tokens to the tokenizer of %s", len(tok.added_ids), folder)
+    check_tokenizer_fits(model, tok)
+    return tok, model
 
 
 def check_tokenizer_fits(model: Transformer, tokenizer: Tokenizer):

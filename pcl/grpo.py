@@ -74,9 +74,11 @@ class Rollouts:
     advantage_after: torch.Tensor  # (B,) advantage of ids after the marker
 
 
-def white_box_reward_fns(task: str, weights: rewards.RewardWeights) -> dict[str, tuple[RewardFn, float]]:
+def white_box_reward_fns(task: str, weights: rewards.RewardWeights,
+                         consistency: bool = True) -> dict[str, tuple[RewardFn, float]]:
     """Return the PCL reward functions and their weights: name -> (function, weight). Add entries
-    to try another reward. "consistency" is the one that pays the part after the marker."""
+    to try another reward. "consistency" is the one that pays the part after the marker; without
+    `consistency`, as for the baselines without post-completion, only accuracy and format pay."""
 
     def rule(name):
         def fn(texts, rows):
@@ -85,8 +87,10 @@ def white_box_reward_fns(task: str, weights: rewards.RewardWeights) -> dict[str,
         fn.__name__ = f"{name}_reward"
         return fn
 
-    return {"accuracy": (rule("accuracy"), weights.accuracy), "format": (rule("format"), weights.format),
-            "consistency": (rule("consistency"), weights.consistency)}
+    fns = {"accuracy": (rule("accuracy"), weights.accuracy), "format": (rule("format"), weights.format)}
+    if consistency:
+        fns["consistency"] = (rule("consistency"), weights.consistency)
+    return fns
 
 
 def compute_rewards(fns: dict[str, tuple[RewardFn, float]], texts: list[str], rows: list[Row]) -> dict[str, torch.Tensor]:
@@ -285,7 +289,8 @@ def grpo_backward(model, ref_model, batches: list[MicroBatch], cfg: GRPOConfig, 
 
 def rollout_stats(rollouts: Rollouts, group_size: int, mask_truncated: bool = False) -> dict:
     """Per-step statistics of the rollouts: each reward function's mean and std, the share of
-    unparseable reward predictions and of groups with no signal, and completion lengths.
+    unparseable reward predictions (when a consistency reward is among the rewards) and of groups
+    with no signal, and completion lengths.
 
     Rewards are averaged over the samples that have one. Lengths are over the samples that enter
     the loss: all of them, or the non-truncated ones under truncation masking.
@@ -300,7 +305,8 @@ def rollout_stats(rollouts: Rollouts, group_size: int, mask_truncated: bool = Fa
     stats["reward"] = total.mean().item() if len(total) else math.nan
     stats["reward_std"] = total.std(unbiased=False).item() if len(total) else math.nan
     stats["reward_missing"] = 1 - len(total) / n
-    stats["reward_unparseable"] = sum(p is None for p in rollouts.predicted) / n
+    if "consistency" in rollouts.rewards:  # only then do completions predict their reward
+        stats["reward_unparseable"] = sum(p is None for p in rollouts.predicted) / n
     stats["groups_all_equal"] = rollouts.flat.view(-1, group_size)[:, 0].float().mean().item()
     kept = [len(c) for c, s in zip(rollouts.completions, rollouts.stopped) if s or not mask_truncated]
     stats["completion_length"] = sum(kept) / len(kept) if kept else 0.0

@@ -2,6 +2,9 @@
 
     PROMPT | REASONING (<think>..</think><answer>..</answer>) | MARKER | EVALUATION | SCORE | EOS
 
+The baselines without post-completion use the same prompt and answer tags, and their sequence
+ends with EOS right after the answer: PROMPT | REASONING | EOS.
+
 Segment ids are the only source of loss masks: a loss selects the targets whose segment it trains
 on, and padding is its own segment, so a pad id equal to the EOS id cannot hide the real EOS.
 """
@@ -26,8 +29,9 @@ class Segment(IntEnum):
 
 
 # Segments that each training signal trains on. The evaluation track must not imitate its completion,
-# which may be wrong, so it trains only on what follows the marker.
-REASONING_TRACK = (Segment.REASONING, Segment.MARKER)
+# which may be wrong, so it trains only on what follows the marker. The reasoning track trains the
+# answer and the stop token after it: the marker, or EOS in a sequence without post-completion.
+REASONING_TRACK = (Segment.REASONING, Segment.MARKER, Segment.EOS)
 EVALUATION_TRACK = (Segment.EVALUATION, Segment.SCORE, Segment.EOS)
 COMPLETION = (Segment.REASONING, Segment.MARKER, Segment.EVALUATION, Segment.SCORE, Segment.EOS)
 
@@ -68,10 +72,13 @@ def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
     return [tok.bos_id] + ids
 
 
-def reasoning_track(tok: Tokenizer, prompt: list[int], completion: str) -> Sequence:
-    """(prompt, gold completion, marker): the model learns to answer and then stop."""
-    return build([(Segment.PROMPT, prompt), (Segment.REASONING, tok.encode(completion)),
-                  (Segment.MARKER, [tok.marker_id])])
+def reasoning_track(tok: Tokenizer, prompt: list[int], completion: str, post_completion: bool = True) -> Sequence:
+    """(prompt, gold completion, marker): the model learns to answer and then stop.
+
+    Without `post_completion` the stop token is EOS, as in a model trained without PCL.
+    """
+    stop = (Segment.MARKER, [tok.marker_id]) if post_completion else (Segment.EOS, [tok.eos_id])
+    return build([(Segment.PROMPT, prompt), (Segment.REASONING, tok.encode(completion)), stop])
 
 
 def evaluation_track(tok: Tokenizer, prompt: list[int], completion: list[int], evaluation: str,

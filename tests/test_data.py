@@ -675,3 +675,63 @@ def test_skipping_every_row_raises(tmp_path):
 def test_file_errors_raise_when_skipping(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_rows("gsm8k", "train", data_dir=tmp_path, on_bad_row=lambda error: None)
+
+
+# Real rows through the parsers and the reward rules. Each test skips when its folder is absent;
+# the fixture versions below them run everywhere.
+
+
+def test_real_strategyqa_first_record():
+    data_dir = _real_dir("strategyqa")
+    rows = load_rows("strategyqa", "train", data_dir=data_dir) + load_rows("strategyqa", "test", data_dir=data_dir)
+    row = next(r for r in rows if r.source.endswith("strategyQA_train.json[0]"))
+    assert row.question == "Are more people today related to Genghis Khan than Julius Caesar?"
+    assert row.answer == "yes"
+    # the double space inside the third fact is collapsed
+    assert row.reasoning == ("Julius Caesar had three children. Genghis Khan had sixteen children. Modern "
+                             "geneticists have determined that out of every 200 men today has DNA that can be "
+                             "traced to Genghis Khan.")
+    assert split_for_qid("b8677742616fef051f00") in ("train", "test")
+
+
+def test_real_mathqa_first_test_record():
+    row = load_rows("mathqa", "test", data_dir=_real_dir("mathqa"))[0]
+    assert row.question.startswith("a shopkeeper sold an article offering a discount of 5 %")
+    assert row.answer == "a"
+    assert row.options == {"a": "38", "b": "27.675", "c": "30", "d": "data inadequate", "e": "none of these"}
+    assert row.reasoning.startswith("giving no discount to customer")
+    assert row.reasoning.endswith("= 38 % answer a")  # the surrounding quotes are gone
+
+
+def _check_gold_scores(name: str, rows: list[Row]):
+    """Every row's gold completion is well formatted and right, and a wrong answer scores 0."""
+    from pcl import rewards
+    from pcl.sft import gold_completion
+
+    weights = rewards.RewardWeights()
+    for row in rows:
+        scores = rewards.score(name, gold_completion(row), row.answer, weights, row.options)
+        assert (scores.format, scores.accuracy) == (1, 1), f"{row.source}: {gold_completion(row)[:200]!r}"
+        if name == "strategyqa":
+            wrong = "no" if row.answer == "yes" else "yes"
+            assert rewards.accuracy_reward(name, wrong, row.answer) == 0, row.source
+        else:
+            # the option's value text counts as the answer too, unless it reads as an option letter
+            # ("a ) d" in dev.json[1733]), which the letter rule takes first
+            value = row.options[row.answer]
+            if not re.fullmatch(r"[a-e]", value.strip(), re.IGNORECASE):
+                assert rewards.accuracy_reward(name, value, row.answer, row.options) == 1, f"{row.source}: {value!r}"
+            other = next(letter for letter in row.options if letter != row.answer)
+            assert rewards.accuracy_reward(name, other, row.answer, row.options) == 0, row.source
+
+
+@pytest.mark.parametrize("name", ["strategyqa", "mathqa"])
+def test_real_rows_score_as_right(name):
+    data_dir = _real_dir(name)
+    _check_gold_scores(name, load_rows(name, "train", data_dir=data_dir) + load_rows(name, "test", data_dir=data_dir))
+
+
+@pytest.mark.parametrize("name", ["strategyqa", "mathqa"])
+def test_fixture_rows_score_as_right(name):
+    rows = load_rows(name, "train", data_dir=FIXTURES / name) + load_rows(name, "test", data_dir=FIXTURES / name)
+    _check_gold_scores(name, rows)

@@ -81,6 +81,24 @@ def test_reasoning_track(tok):
     assert ids_of(sequence, M) == [tok.marker_id]
 
 
+def test_reasoning_track_without_post_completion(tok):
+    prompt = prompt_ids(tok, "Ann has 12 apples.")
+    completion = completion_text("12 + 7 = 19.", "19")
+    sequence = reasoning_track(tok, prompt, completion, post_completion=False)
+    assert runs(sequence.segment_ids) == [P, R, X]
+    assert ids_of(sequence, R) == tok.encode(completion)
+    assert ids_of(sequence, X) == [tok.eos_id]
+    assert tok.marker_id not in sequence.input_ids
+
+
+def test_reasoning_track_mask_trains_eos(tok):
+    plain = reasoning_track(tok, [7, 8], completion_text("a", "b"), post_completion=False)
+    _, segment_ids = collate([plain], tok.pad_id)
+    mask = target_mask(segment_ids, REASONING_TRACK)
+    assert mask[0, -1].item() is True  # the logits before the last id predict EOS
+    assert mask.sum().item() == len(plain) - 2  # every id but the two prompt ids
+
+
 def test_completion_text():
     assert completion_text("a", "b") == "<think>a</think><answer>b</answer>"
 
@@ -230,8 +248,9 @@ def test_collate_pads(tok):
 def test_target_mask_shifted():
     segment_ids = torch.tensor([[int(s) for s in [P, P, R, R, M, E, S, E, X, Segment.PAD]]])
     mask = target_mask(segment_ids, REASONING_TRACK)
-    # mask[t] is True when input t + 1 is a target
-    assert mask.tolist() == [[False, True, True, True, False, False, False, False, False]]
+    # mask[t] is True when input t + 1 is a target; the reasoning track trains its stop token,
+    # which is the marker or, without post-completion, EOS
+    assert mask.tolist() == [[False, True, True, True, False, False, False, True, False]]
 
 
 def test_target_mask_evaluation_track():

@@ -82,14 +82,65 @@ def test_saved_model_reloads(tmp_path):
     assert model.config.num_hidden_layers == 2
 
 
+def without_warmup_steps(flags: list[str]) -> list[str]:
+    position = flags.index("--warmup-steps")
+    return flags[:position] + flags[position + 2:]
+
+
 def test_init_from_saved_model(tmp_path):
     first = run(tmp_path, "--phase", "sft")
     second = tmp_path / "second"
-    train.main([*TINY, "--phase", "hybrid", "--init", str(first / "model"), "--out", str(second)])
+    train.main([*without_warmup_steps(TINY), "--phase", "hybrid", "--init", str(first / "model"), "--out", str(second)])
     steps = (second / "metrics.jsonl").read_text().splitlines()
-    assert len(steps) == 2  # with --init there is no SFT warm-up
+    assert len(steps) == 2  # with --init and no --warmup-steps there is no SFT warm-up
     reloaded = load_pretrained(second / "model")
     assert reloaded.config.vocab_size == load_pretrained(first / "model").config.vocab_size
+
+
+def test_init_with_warmup_steps(tmp_path):
+    first = run(tmp_path, "--phase", "sft")
+    second = tmp_path / "second"
+    train.main([*TINY, "--phase", "rl", "--init", str(first / "model"), "--out", str(second)])
+    steps = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [s["phase"] for s in steps] == ["sft"] * 3 + ["rl"] * 2
+    assert "after_sft_warmup" in json.loads((second / "summary.json").read_text())
+
+
+def test_no_post_completion_run(tmp_path):
+    out = run(tmp_path, "--phase", "hybrid", "--no-post-completion")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["post_completion"] is False
+    for key in ("reward_prediction_accuracy", "prediction_rate", "reward_mae", "correctness_auroc",
+                "correctness_ece"):
+        assert summary[key] is None, key
+    assert summary["evaluation_track"]["pool_right"] + summary["evaluation_track"]["pool_wrong"] == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward_consistency" not in s for s in steps)
+    assert all(s["sft_eval"] == 0.0 for s in steps)
+    records = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert all(r["post_completion"] is None for r in records)
+    assert all("<post-completion>" not in r["completion"] for r in records)
+
+
+def test_no_post_completion_warns_of_ignored_options(caplog):
+    caplog.set_level("WARNING")
+    args = train.parse_args(["--no-post-completion", "--w-con", "2", "--lambda-eval", "0.5", "--steps", "3"])
+    assert not args.post_completion
+    assert "--no-post-completion: ignoring --lambda-eval, --w-con" in caplog.text
+    assert "--steps" not in caplog.text
+
+
+def test_metrics_count_tokens(tmp_path):
+    out = run(tmp_path, "--phase", "sft")
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(s["tokens"], int) and s["tokens"] > 0 for s in steps)
+    assert all(math.isclose(s["tokens_per_s"], s["tokens"] / s["dt"]) for s in steps)
+
+
+def test_eval_examples_zero_takes_all(tmp_path):
+    out = run(tmp_path, "--phase", "sft", "--data", "gsm8k", "--data-dir", str(FIXTURES / "gsm8k"),
+              "--eval-examples", "0")
+    assert json.loads((out / "summary.json").read_text())["eval_examples"] == 2  # the whole fixture split
 
 
 def test_gsm8k_fixture_runs(tmp_path):
@@ -171,3 +222,13 @@ def test_help_shows_zero_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "seed for data order, initialisation and sampling (default: 0)" in text
     assert "AdamW weight decay (default: 0.0)" in text
+
+
+def test_resume_rejects_changed_stage_plan(tmp_path, monkeypatch):
+    out = run(tmp_path, "--phase", "rl")  # an SFT warm-up stage, then the rl stage
+    # as if the code that plans the stages had changed since the run: no warm-up any more
+    monkeypatch.setattr(train, "plan_stages", lambda args: [train.Stage("rl", args.steps, args.lr)])
+    with pytest.raises(SystemExit) as raised:
+        train.main(["--resume", "--out", str(out)])
+    message = str(raised.value.code)
+    assert "stage 1 of the run was rl for 2 steps, but the options now plan no such stage" in message
