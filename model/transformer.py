@@ -126,10 +126,10 @@ def decode_attention(q, k, v, mask):
     (B or 1, 1, 1, S); returns (B, H, 1, Dh).
 
     The H / K query heads that share a key/value head are stacked into one matrix, so a step is two
-    batched matrix products over the cache and copies no keys per query head. On the 2-core CPU of
-    BENCHMARKS.md, at 128 rows, 4 query and 2 key/value heads and 170 cached positions, one call
-    took 470 us against 606 us for scaled_dot_product_attention, whose CPU kernel is built for long
-    queries. The softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded
+    batched matrix products over the cache and copies no keys per query head. In a one-off timing
+    on the 2-core CPU of BENCHMARKS.md (128 rows, 4 query and 2 key/value heads, 170 cached
+    positions), a call took 470 us against 606 us for scaled_dot_product_attention, whose CPU
+    kernel is built for long queries; bench/generate_speed.py measures the effect on sampling. The softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded
     to bf16 before it.
     """
     B, H, _, Dh = q.shape
