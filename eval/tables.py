@@ -92,6 +92,7 @@ class Method:
     phase: str  # train.py --phase
     post_completion: bool
     cold_start: bool = False  # N // 2 SFT steps (train.py --warmup-steps), then N - N // 2 RL steps
+    evaluation_track: bool = True  # with post_completion: graded answers in every SFT batch
     flags: tuple[str, ...] = ()  # further train.py options
 
 
@@ -103,9 +104,9 @@ METHODS = {
     "pcl-rl": Method("rl", post_completion=True, cold_start=True),
     "pcl-hybrid": Method("hybrid", post_completion=True, cold_start=True),
     # no graded answers in the SFT parts, so only the consistency reward teaches the evaluation
-    "pcl-no-eval-track": Method("hybrid", post_completion=True, cold_start=True,
-                                flags=("--eval-track-batch-size", "0", "--sample-every", "0", "--cold-start-examples",
-                                       "0", "--lambda-eval", "0", "--lambda-score", "0")),
+    "pcl-no-eval-track": Method("hybrid", post_completion=True, cold_start=True, evaluation_track=False,
+                                flags=("--sample-every", "0", "--cold-start-examples", "0", "--lambda-eval", "0",
+                                       "--lambda-score", "0")),
     "pcl-no-consistency": Method("hybrid", post_completion=True, cold_start=True, flags=("--w-con", "0")),
 }
 START = "start"  # the row of the starting model
@@ -332,7 +333,7 @@ def method_flags(args, method: Method, data: str, seed: int, init: Path, out: Pa
              "--eval-examples", str(args.eval_examples), "--dtype", args.dtype, "--device", args.device,
              "--keep", "1"]
     if method.post_completion:
-        flags += ["--eval-track-batch-size", str(args.prompts_per_step)]
+        flags += ["--eval-track-batch-size", str(args.prompts_per_step if method.evaluation_track else 0)]
     else:
         flags += ["--no-post-completion"]
     # the method's own options come last, so that --train-args cannot change what defines it

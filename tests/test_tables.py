@@ -75,6 +75,17 @@ def test_ablation_options(tmp_path):
         assert differing == changed
 
 
+def test_cell_options_given_once(tmp_path):
+    # a repeated flag would let the later value win silently and make the command misleading to read.
+    # Without --train-args: a method's own options are meant to override those.
+    args = tables.parse_args(["--data", "synthetic", "--seeds", "1", "--methods", ",".join(METHODS),
+                              "--results", str(tmp_path / "results")])
+    for cell in plan_cells(args):
+        options = [flag for flag in cell.flags if flag.startswith("--")]
+        repeated = sorted({flag for flag in options if options.count(flag) > 1})
+        assert repeated == [], cell.method
+
+
 def test_start_model_recipe(tmp_path):
     args = sweep_args(tmp_path)
     options = resolved(plan_cells(args)[0])
