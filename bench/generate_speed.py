@@ -29,6 +29,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import add_model_arguments, left_pad  # noqa: E402
 from model.checkpoint import load_pretrained  # noqa: E402
 from model.generate import generate  # noqa: E402
 
@@ -44,30 +45,9 @@ def build_peer(args):
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=args.attention).eval()
 
 
-def left_pad(prompts, pad_id: int = 0):
-    """Left-padded ids (N, P) and attention mask (N, P)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model_group = p.add_argument_group("model")
-    model_group.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="llama",
-                             help="transformers model_type of the random model")
-    model_group.add_argument("--vocab", type=int, default=2048, help="vocabulary size V")
-    model_group.add_argument("--hidden", type=int, default=128, help="model width D")
-    model_group.add_argument("--intermediate", type=int, default=384, help="MLP width")
-    model_group.add_argument("--layers", type=int, default=4, help="number of transformer blocks")
-    model_group.add_argument("--heads", type=int, default=4, help="query heads H")
-    model_group.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
-    model_group.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
-                             help="tie the output layer to the input embedding")
+    model_group = add_model_arguments(p, "llama", vocab=2048, hidden=128, intermediate=384, layers=4, heads=4)
     model_group.add_argument("--attention", choices=["eager", "sdpa"], default="sdpa",
                              help="transformers' attention implementation")
     run_group = p.add_argument_group("workload")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import add_model_arguments, left_pad  # noqa: E402
 from model.checkpoint import load_pretrained  # noqa: E402
 from model.generate import generate  # noqa: E402
 
@@ -68,30 +69,9 @@ def training_step(model, ids, logits_of):
     model.zero_grad(set_to_none=True)
 
 
-def left_pad(prompts, pad_id: int = 0):
-    """Left-padded ids (B, P) and attention mask (B, P)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model_group = p.add_argument_group("model")
-    model_group.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="qwen2",
-                             help="transformers model_type of the random model")
-    model_group.add_argument("--vocab", type=int, default=8192, help="vocabulary size V")
-    model_group.add_argument("--hidden", type=int, default=384, help="model width D")
-    model_group.add_argument("--intermediate", type=int, default=1024, help="MLP width")
-    model_group.add_argument("--layers", type=int, default=6, help="number of transformer blocks")
-    model_group.add_argument("--heads", type=int, default=6, help="query heads H")
-    model_group.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
-    model_group.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
-                             help="tie the output layer to the input embedding")
+    add_model_arguments(p, "qwen2", vocab=8192, hidden=384, intermediate=1024, layers=6, heads=6)
     run_group = p.add_argument_group("workload")
     run_group.add_argument("--batch", type=int, default=4, help="training rows B")
     run_group.add_argument("--time", type=int, default=256, help="training positions per row T")

@@ -31,6 +31,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import add_model_arguments  # noqa: E402
 from model.checkpoint import load_pretrained  # noqa: E402
 from pcl.losses import token_cross_entropy  # noqa: E402
 
@@ -58,17 +59,7 @@ def model_flops_per_token(model, T: int) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model_group = p.add_argument_group("model")
-    model_group.add_argument("--family", choices=["llama", "qwen2", "qwen3"], default="qwen2",
-                             help="transformers model_type of the random model")
-    model_group.add_argument("--vocab", type=int, default=8192, help="vocabulary size V")
-    model_group.add_argument("--hidden", type=int, default=512, help="model width D")
-    model_group.add_argument("--intermediate", type=int, default=1408, help="MLP width")
-    model_group.add_argument("--layers", type=int, default=8, help="number of transformer blocks")
-    model_group.add_argument("--heads", type=int, default=8, help="query heads H")
-    model_group.add_argument("--kv-heads", type=int, default=2, help="key/value heads")
-    model_group.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True,
-                             help="tie the output layer to the input embedding")
+    add_model_arguments(p, "qwen2", vocab=8192, hidden=512, intermediate=1408, layers=8, heads=8)
     run_group = p.add_argument_group("workload")
     run_group.add_argument("--batch", type=int, default=4, help="rows B")
     run_group.add_argument("--time", type=int, default=512, help="positions per row T")
