@@ -8,6 +8,13 @@ or from one integer key per output row (`row_keys`). With keys, the uniform numb
 draw is a hash of (key, position), so a row samples the same ids whichever rows share its batch.
 The trainer uses keys, which lets several processes that each sample a part of a batch
 reproduce one process that samples all of it.
+
+With compile=True, each decode step (one new id per row through the model) runs through
+torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
+the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
+compiles once per process. Its logits equal the eager step's up to rounding. So a sampled id can
+differ from the eager path's where a uniform number falls within rounding of a boundary of the
+cumulative distribution.
 """
 
 import hashlib
@@ -15,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import KVCache, Transformer
+from model.compiled import MaybeCompiled
+from model.transformer import KVCache, StaticKVCache, Transformer
 
 
 @dataclass
@@ -110,14 +118,41 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return ids
 
 
+def _decode_step(model: Transformer, ids, positions, mask, keys, values):
+    """Run one new id per row through the model over a StaticKVCache. ids and positions (A, 1); mask
+    (A, 1, 1, S): the cached positions each row attends to; keys and values: the cache (L, A, K, S, Dh).
+    Returns the logits (A, V) and the step's keys and values (L, A, K, 1, Dh)."""
+    cache = StaticKVCache(keys, values)
+    logits = model.forward_masked(ids, positions, mask, cache)[:, -1]
+    return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
+
+
+_decode_step_compiled = MaybeCompiled(_decode_step)
+
+
+def _compiled_decode(model: Transformer, ids, mask, cache: KVCache) -> torch.Tensor:
+    """Compute model(ids[:, None], attention_mask=mask, cache=cache)[:, -1] through the compiled
+    _decode_step. ids (A,); mask (A, S + 1) over the S cached positions and the new one."""
+    S = cache.length
+    positions = mask[:, :S].sum(-1, keepdim=True)  # the new token's position: the real tokens before it
+    logits, keys, values = _decode_step_compiled(model, ids[:, None], positions, mask[:, None, None, :S].bool(),
+                                                 cache.keys[:, :, :, :S], cache.values[:, :, :, :S])
+    cache.keys[:, :, :, S:S + 1] = keys
+    cache.values[:, :, :, S:S + 1] = values
+    cache.advance(1)
+    return logits
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
              pad_id: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, row_keys: list[int] | None = None) -> Generation:
+             generator: torch.Generator | None = None, row_keys: list[int] | None = None,
+             compile: bool = False) -> Generation:
     """Sample continuations of `prompts`; row i * num_samples + j is sample j of prompt i.
 
     stop_ids: ids that end every row, or one list of ids per output row.
     row_keys: one sampling key per output row (see row_key); when given, `generator` is unused.
+    compile: run the decode steps through torch.compile (see the module's docstring).
     """
     device = model.lm_head.weight.device
     N, G = len(prompts), num_samples
@@ -172,8 +207,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             keep = (~hit_stop).nonzero().squeeze(-1)
             active, next_ids, mask = active[keep], next_ids[keep], mask[keep]
             cache.select_rows(keep)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (A, cached + 1)
+        if compile:
+            logits = _compiled_decode(model, next_ids, mask, cache)
+        else:
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
 
     lengths, stopped = lengths.tolist(), stopped.tolist()
     return Generation(

@@ -84,6 +84,27 @@ class KVCache:
         self.values = self.values.index_select(1, index)
 
 
+class StaticKVCache:
+    """A read-only view of a KVCache's buffers, for a decode step (one new position per row) that
+    torch.compile compiles once.
+
+    The step attends to the given keys and values (L, B, K, S, Dh), the positions written so far,
+    and to its own new key and value beside them. It does not write them: update() collects them
+    in new_keys and new_values, and the caller stores them after the step. A compiled graph that
+    wrote into its input buffers copied each whole buffer at every layer.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+        self.new_keys, self.new_values = [], []  # per layer: (B, K, 1, Dh)
+
+    def update(self, layer: int, k, v):
+        """Keep k, v (B, K, 1, Dh) for the caller; return this layer's cached keys and values (B, K, S, Dh)."""
+        self.new_keys.append(k)
+        self.new_values.append(v)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,7 +121,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -110,6 +131,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, Dh)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(cache, StaticKVCache):  # the cached positions, then this step's own
+            y = decode_attention(q, *cache.update(layer, k, v), mask, k, v)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh) with S = cached + T
         if T == 1 and mask is not None:
@@ -121,24 +145,31 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def decode_attention(q, k, v, mask):
+def decode_attention(q, k, v, mask, k_new=None, v_new=None):
     """Attention of one new query per row: q (B, H, 1, Dh), k and v (B, K, S, Dh), boolean mask
-    (B or 1, 1, 1, S); returns (B, H, 1, Dh).
+    (B or 1, 1, 1, S); returns (B, H, 1, Dh). k_new and v_new (B, K, 1, Dh), when given, are one
+    more position after the S, seen by every row (StaticKVCache's new position).
 
     The H / K query heads that share a key/value head are stacked into one matrix, so a step is two
     batched matrix products over the cache and copies no keys per query head. In a one-off timing
     on the 2-core CPU of BENCHMARKS.md (128 rows, 4 query and 2 key/value heads, 170 cached
     positions), a call took 470 us against 606 us for scaled_dot_product_attention, whose CPU
-    kernel is built for long queries; bench/generate_speed.py measures the effect on sampling. The softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded
-    to bf16 before it.
+    kernel is built for long queries; bench/generate_speed.py measures the effect on sampling. The
+    softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded to bf16
+    before it.
     """
     B, H, _, Dh = q.shape
     K = k.shape[1]
     q = q.reshape(B, K, H // K, Dh)  # heads h = j * (H / K) + g share key/value head j, as in enable_gqa
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * Dh ** -0.5  # (B, K, H/K, S)
     scores = scores.masked_fill(~mask, float("-inf"))  # mask (B or 1, 1, 1, S) broadcasts over heads
-    weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(weights, v).reshape(B, H, 1, Dh)
+    if k_new is None:
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(weights, v).reshape(B, H, 1, Dh)
+    new_scores = (q * k_new).sum(-1, keepdim=True).float() * Dh ** -0.5  # (B, K, H/K, 1)
+    weights = torch.softmax(torch.cat([scores, new_scores], dim=-1), dim=-1).to(v.dtype)  # (B, K, H/K, S + 1)
+    y = torch.matmul(weights[..., :-1], v) + weights[..., -1:] * v_new
+    return y.reshape(B, H, 1, Dh)
 
 
 class MLP(nn.Module):
@@ -222,15 +253,23 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        mask = self._attention_mask(attention_mask, start, T, input_ids.device)
+        logits = self.forward_masked(input_ids, position_ids, mask, cache, last_only)
+        if cache is not None:
+            cache.advance(T)
+        return logits
+
+    def forward_masked(self, input_ids, position_ids, mask, cache: KVCache | StaticKVCache | None = None,
+                       last_only: bool = False):
+        """Logits (B, T, V), or (B, 1, V) with last_only, given the positions (B, T) and the boolean
+        attention mask (B or 1, 1, T, S) of every query over all S keys; mask None means causal.
+        This is forward() after the bookkeeping: it leaves the cache's length to the caller."""
         freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, Dh/2)
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
         x = self.model.embed_tokens(input_ids)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        mask = self._attention_mask(attention_mask, start, T, input_ids.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
