@@ -118,29 +118,14 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return ids
 
 
-def _decode_step(model: Transformer, ids, positions, mask, keys, values):
-    """Run one new id per row through the model over a StaticKVCache. ids and positions (A, 1); mask
-    (A, 1, 1, S): the cached positions each row attends to; keys and values: the cache (L, A, K, S, Dh).
-    Returns the logits (A, V) and the step's keys and values (L, A, K, 1, Dh)."""
-    cache = StaticKVCache(keys, values)
-    logits = model.forward_masked(ids, positions, mask, cache)[:, -1]
+def _decode_step(model: Transformer, ids, positions, cache: StaticKVCache):
+    """Run one new id per row (ids and positions (A, 1)) through the model over `cache`. Returns
+    the logits (A, V) and the step's keys and values (L, A, K, 1, Dh)."""
+    logits = model.forward_masked(ids, positions, None, cache)[:, -1]
     return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
 
 _decode_step_compiled = MaybeCompiled(_decode_step)
-
-
-def _compiled_decode(model: Transformer, ids, mask, cache: KVCache) -> torch.Tensor:
-    """Compute model(ids[:, None], attention_mask=mask, cache=cache)[:, -1] through the compiled
-    _decode_step. ids (A,); mask (A, S + 1) over the S cached positions and the new one."""
-    S = cache.length
-    positions = mask[:, :S].sum(-1, keepdim=True)  # the new token's position: the real tokens before it
-    logits, keys, values = _decode_step_compiled(model, ids[:, None], positions, mask[:, None, None, :S].bool(),
-                                                 cache.keys[:, :, :, :S], cache.values[:, :, :, :S])
-    cache.keys[:, :, :, S:S + 1] = keys
-    cache.values[:, :, :, S:S + 1] = values
-    cache.advance(1)
-    return logits
 
 
 @torch.no_grad()
@@ -180,10 +165,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         mask[i, P - len(p):] = 1
 
     dtype = model.lm_head.weight.dtype
-    cache = KVCache(model.config, N, P + max_new_tokens, device, dtype)
+    cache = KVCache(model.config, N, P + (0 if compile else max_new_tokens), device, dtype)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (N, V)
     share = torch.arange(N, device=device).repeat_interleave(G)
-    cache.select_rows(share)
+    if compile:
+        # the G rows of a prompt share its cache, and each row's generated positions go to `generated`
+        prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
+        positions = mask.sum(-1)[share]  # (rows,): the position of each row's next token
+        cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
+    else:
+        cache.select_rows(share)
     logits, mask = logits[share], mask[share]  # (rows, V), (rows, P)
 
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -207,10 +198,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             keep = (~hit_stop).nonzero().squeeze(-1)
             active, next_ids, mask = active[keep], next_ids[keep], mask[keep]
             cache.select_rows(keep)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (A, cached + 1)
+            if compile:
+                positions = positions[keep]
         if compile:
-            logits = _compiled_decode(model, next_ids, mask, cache)
+            step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
+                                       cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
+                                       torch.tensor(step, device=device))
+            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], positions[:, None] + step,
+                                                                 step_cache)
+            cache.keys[:, :, :, step:step + 1] = new_keys
+            cache.values[:, :, :, step:step + 1] = new_values
         else:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (A, cached + 1)
             logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
 
     lengths, stopped = lengths.tolist(), stopped.tolist()

@@ -85,24 +85,67 @@ class KVCache:
 
 
 class StaticKVCache:
-    """A read-only view of a KVCache's buffers, for a decode step (one new position per row) that
-    torch.compile compiles once.
+    """The cache of a decode step (one new position per row) that torch.compile compiles once.
 
-    The step attends to the given keys and values (L, B, K, S, Dh), the positions written so far,
-    and to its own new key and value beside them. It does not write them: update() collects them
-    in new_keys and new_values, and the caller stores them after the step. A compiled graph that
-    wrote into its input buffers copied each whole buffer at every layer.
+    Row a continues prompt rows[a] // group_size, whose keys and values (L, N, K, P, Dh) are stored
+    once and shared by the rows that continue it, with prompt_mask (N, P) marking its real tokens.
+    keys and values (L, A, K, S, Dh) hold the positions each row generated so far, the first
+    `written` of the S. The caller passes at least two more positions than written, so that S never
+    takes the sizes 0 and 1, for which torch.compile compiles a graph of their own.
+
+    The step does not write its own keys and values. update() collects them in new_keys and
+    new_values, and the caller stores them after the step. (A compiled graph that wrote into its
+    input buffers copied each whole buffer at every layer.)
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, prompt_keys, prompt_values, prompt_mask, rows, group_size: int, keys, values, written):
+        self.prompt_keys, self.prompt_values, self.prompt_mask = prompt_keys, prompt_values, prompt_mask
+        self.rows, self.group_size = rows, group_size  # rows (A,): each row's index among all N * G rows
         self.keys, self.values = keys, values
-        self.new_keys, self.new_values = [], []  # per layer: (B, K, 1, Dh)
+        self.written = written  # () long: the generated positions written so far; the rest of the S are unused
+        self.new_keys, self.new_values = [], []  # per layer: (A, K, 1, Dh)
 
     def update(self, layer: int, k, v):
-        """Keep k, v (B, K, 1, Dh) for the caller; return this layer's cached keys and values (B, K, S, Dh)."""
+        """Keep k, v (A, K, 1, Dh) for the caller to store."""
         self.new_keys.append(k)
         self.new_values.append(v)
-        return self.keys[layer], self.values[layer]
+
+
+def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
+    """Compute the attention of one new query per row, q (A, H, 1, Dh), over the row's prompt, its
+    generated positions and its new key k and value v (A, K, 1, Dh). Returns (A, H, 1, Dh).
+
+    The prompt part multiplies the queries of all rows that continue a prompt with that prompt's
+    keys in one product, so the prompt's cache is read once per group rather than once per row.
+    Rows that have stopped take part as zeros in the grouped products and are dropped after them.
+    """
+    A, H, _, Dh = q.shape
+    K, G = k.shape[1], cache.group_size
+    N, P = cache.prompt_mask.shape
+    q = q.reshape(A, K, H // K, Dh)  # heads h = j * (H / K) + g share key/value head j, as in enable_gqa
+    scale = Dh ** -0.5
+
+    def grouped(x):  # (A, K, H/K, X) -> (N, K, G * H/K, X): each prompt's rows side by side
+        full = x.new_zeros(N * G, *x.shape[1:]).index_copy(0, cache.rows, x)
+        return full.view(N, G, K, H // K, -1).transpose(1, 2).reshape(N, K, G * (H // K), -1)
+
+    def ungrouped(x):  # the inverse of grouped, back to the A rows
+        x = x.view(N, K, G, H // K, -1).transpose(1, 2).reshape(N * G, K, H // K, -1)
+        return x.index_select(0, cache.rows)
+
+    prompt_scores = ungrouped(torch.matmul(grouped(q), cache.prompt_keys[layer].transpose(-1, -2)))  # (A, K, H/K, P)
+    seen = cache.prompt_mask.index_select(0, cache.rows // G)[:, None, None, :]  # (A, 1, 1, P)
+    prompt_scores = prompt_scores.float().masked_fill(~seen, float("-inf"))
+    generated_scores = torch.matmul(q, cache.keys[layer].transpose(-1, -2)).float()  # (A, K, H/K, S)
+    unwritten = torch.arange(generated_scores.shape[-1], device=q.device) >= cache.written  # (S,)
+    generated_scores = generated_scores.masked_fill(unwritten, float("-inf"))
+    new_scores = (q * k).sum(-1, keepdim=True).float()  # (A, K, H/K, 1)
+    scores = torch.cat([prompt_scores, generated_scores, new_scores], dim=-1) * scale
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    S = generated_scores.shape[-1]
+    y = ungrouped(torch.matmul(grouped(weights[..., :P].contiguous()), cache.prompt_values[layer]))
+    y = y + torch.matmul(weights[..., P:P + S], cache.values[layer]) + weights[..., -1:] * v
+    return y.reshape(A, H, 1, Dh)
 
 
 class Attention(nn.Module):
@@ -131,8 +174,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, Dh)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if isinstance(cache, StaticKVCache):  # the cached positions, then this step's own
-            y = decode_attention(q, *cache.update(layer, k, v), mask, k, v)
+        if isinstance(cache, StaticKVCache):
+            cache.update(layer, k, v)
+            y = shared_prompt_attention(q, k, v, cache, layer)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh) with S = cached + T
@@ -145,10 +189,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def decode_attention(q, k, v, mask, k_new=None, v_new=None):
+def decode_attention(q, k, v, mask):
     """Attention of one new query per row: q (B, H, 1, Dh), k and v (B, K, S, Dh), boolean mask
-    (B or 1, 1, 1, S); returns (B, H, 1, Dh). k_new and v_new (B, K, 1, Dh), when given, are one
-    more position after the S, seen by every row (StaticKVCache's new position).
+    (B or 1, 1, 1, S); returns (B, H, 1, Dh).
 
     The H / K query heads that share a key/value head are stacked into one matrix, so a step is two
     batched matrix products over the cache and copies no keys per query head. In a one-off timing
@@ -163,13 +206,8 @@ def decode_attention(q, k, v, mask, k_new=None, v_new=None):
     q = q.reshape(B, K, H // K, Dh)  # heads h = j * (H / K) + g share key/value head j, as in enable_gqa
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * Dh ** -0.5  # (B, K, H/K, S)
     scores = scores.masked_fill(~mask, float("-inf"))  # mask (B or 1, 1, 1, S) broadcasts over heads
-    if k_new is None:
-        weights = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(weights, v).reshape(B, H, 1, Dh)
-    new_scores = (q * k_new).sum(-1, keepdim=True).float() * Dh ** -0.5  # (B, K, H/K, 1)
-    weights = torch.softmax(torch.cat([scores, new_scores], dim=-1), dim=-1).to(v.dtype)  # (B, K, H/K, S + 1)
-    y = torch.matmul(weights[..., :-1], v) + weights[..., -1:] * v_new
-    return y.reshape(B, H, 1, Dh)
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(weights, v).reshape(B, H, 1, Dh)
 
 
 class MLP(nn.Module):
@@ -261,9 +299,9 @@ class Transformer(nn.Module):
 
     def forward_masked(self, input_ids, position_ids, mask, cache: KVCache | StaticKVCache | None = None,
                        last_only: bool = False):
-        """Logits (B, T, V), or (B, 1, V) with last_only, given the positions (B, T) and the boolean
-        attention mask (B or 1, 1, T, S) of every query over all S keys; mask None means causal.
-        This is forward() after the bookkeeping: it leaves the cache's length to the caller."""
+        """Compute the logits (B, T, V), or (B, 1, V) with last_only, from the positions (B, T) and
+        the boolean attention mask (B or 1, 1, T, S) of every query over all S keys (None: causal).
+        Unlike forward(), it leaves the cache's length to the caller."""
         freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, Dh/2)
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
         x = self.model.embed_tokens(input_ids)
