@@ -12,7 +12,7 @@ reproduce one process that samples all of it.
 With compile=True, each decode step (one new id per row through the model) runs through
 torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
 the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
-compiles once per process. Its logits equal the eager step's up to rounding. So a sampled id can
+compiles only a few times per process (twice in bench/generate_speed.py). Its logits equal the eager step's up to rounding. So a sampled id can
 differ from the eager path's where a uniform number falls within rounding of a boundary of the
 cumulative distribution.
 """
@@ -169,7 +169,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (N, V)
     share = torch.arange(N, device=device).repeat_interleave(G)
     if compile:
-        # the G rows of a prompt share its cache, and each row's generated positions go to `generated`
+        # the G rows of a prompt share its prompt cache, and `cache` now holds each row's generated positions
         prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
         positions = mask.sum(-1)[share]  # (rows,): the position of each row's next token
         cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
