@@ -126,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                      help="torch.compile the fused losses: score regression and chunked cross-entropy (falls back to "
                           "eager with a warning where compilation is unavailable)")
+    run.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
+                     help="torch.compile the decode step of rollouts and evaluation-track answers (model.generate); "
+                          "off by default because its rounding differs from eager, which changes the sampled ids "
+                          "and so the default run's results (BENCHMARKS.md has its speed)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its newest usable checkpoint; options not given take "
@@ -596,7 +600,8 @@ class Trainer:
             temperature=args.temperature, top_p=args.top_p, clip_low=args.clip_low, clip_high=args.clip_high,
             kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, kl_on_flat_groups=args.kl_on_flat_groups,
             inner_steps=args.inner_steps, micro_batch_size=args.micro_batch_size, scale_rewards=args.scale_rewards,
-            loss_agg=args.loss_agg, mask_truncated=args.mask_truncated, split_advantage=args.split_advantage)
+            loss_agg=args.loss_agg, mask_truncated=args.mask_truncated, split_advantage=args.split_advantage,
+            compile_decode=args.compile_decode)
         self.score_head = score_head
         self.reward_fns = white_box_reward_fns(args.data, weights, consistency=args.post_completion)
         # without post-completion the evaluation track stays empty, so SFT is the reasoning track alone
@@ -653,7 +658,8 @@ class Trainer:
                     out = generate(self.model, [prompts[i] for i in part], self.args.max_new_tokens,
                                    stop_ids=[self.tok.marker_id, self.tok.eos_id], pad_id=self.tok.pad_id,
                                    temperature=self.args.eval_track_temperature,
-                                   row_keys=[row_key(self.args.seed, "evaluation track", self.step, i) for i in part])
+                                   row_keys=[row_key(self.args.seed, "evaluation track", self.step, i) for i in part],
+                                   compile=self.args.compile_decode)
                 self.model.train()
                 completions = out.tokens
         completions = self.ctx.gather(completions)

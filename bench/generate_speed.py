@@ -13,7 +13,10 @@ The default model has the shape of the default training run's "small" preset (Ll
 width 128, 4 layers, vocabulary 2048); use --hidden, --layers and the other model flags for
 larger shapes. transformers builds the model with seeded random weights and saves it, and our
 load_pretrained reads it back. Both sides run in this process, interleaved, after one untimed
-warm-up call each. The last line is a JSON summary; the ratio is ours / transformers in tokens/s.
+warm-up call each. With --compile (the default) a third side runs our generate with its compiled
+decode step, which train.py uses with --compile-decode; its warm-up call includes the
+compilation and is reported. The last line is a JSON summary; the ratios are ours / transformers
+in tokens/s.
 """
 
 import argparse
@@ -58,6 +61,8 @@ def main():
     run_group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per row")
     run_group.add_argument("--repeats", type=int, default=3, help="timed calls per side, after one warm-up call")
     run_group.add_argument("--seed", type=int, default=0, help="seed of the weights, prompts and sampling")
+    run_group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                           help="also time our generate with its compiled decode step (generate(compile=True))")
     args = p.parse_args()
     transformers.utils.logging.disable_progress_bar()
 
@@ -74,9 +79,9 @@ def main():
         do_sample=True, temperature=1.0, top_k=None, top_p=None, num_return_sequences=args.group,
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0, eos_token_id=None)
 
-    def generate_ours():
+    def generate_ours(compile):
         out = generate(ours, prompts, args.new_tokens, stop_ids=[], pad_id=0, num_samples=args.group,
-                       temperature=1.0, generator=generator)
+                       temperature=1.0, generator=generator, compile=compile)
         assert all(len(t) == args.new_tokens for t in out.tokens)
 
     def generate_peer():
@@ -84,18 +89,24 @@ def main():
             out = peer.generate(input_ids=prompt_ids, attention_mask=mask, generation_config=settings)
         assert out.shape == (args.prompts * args.group, prompt_ids.shape[1] + args.new_tokens)
 
-    # ---- interleaved timing
-    generate_ours()  # warm-up
-    generate_peer()
-    times = {"ours": [], "peer": []}
+    sides = {"ours": lambda: generate_ours(False), "peer": generate_peer}
+    if args.compile:
+        sides["ours_compiled"] = lambda: generate_ours(True)
+
+    # ---- interleaved timing, after one warm-up call per side (the compiled side compiles in it)
+    warm_up = {}
+    for name, fn in sides.items():
+        start = time.perf_counter()
+        fn()
+        warm_up[name] = time.perf_counter() - start
+    times = {name: [] for name in sides}
     for _ in range(args.repeats):
-        for name, fn in (("ours", generate_ours), ("peer", generate_peer)):
+        for name, fn in sides.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     tokens = args.prompts * args.group * args.new_tokens
-    ours_rate = tokens / statistics.median(times["ours"])
-    peer_rate = tokens / statistics.median(times["peer"])
+    rate = {name: tokens / statistics.median(values) for name, values in times.items()}
 
     # ---- report
     print(f"{args.family}: D={args.hidden} layers={args.layers} H={args.heads} kv={args.kv_heads} V={args.vocab}, "
@@ -103,16 +114,24 @@ def main():
           f"transformers {transformers.__version__} ({args.attention} attention), {torch.get_num_threads()} threads, "
           f"{platform.machine()}")
     print(f"{args.prompts} prompts of {args.min_prompt}-{args.max_prompt} ids x G={args.group}, {args.new_tokens} new "
-          f"tokens: ours {ours_rate:,.0f} tok/s, transformers generate {peer_rate:,.0f} "
-          f"tok/s, ratio {ours_rate / peer_rate:.2f}")
-    print(json.dumps({
+          f"tokens: transformers generate {rate['peer']:,.0f} tok/s; ours {rate['ours']:,.0f} tok/s, ratio "
+          f"{rate['ours'] / rate['peer']:.2f}")
+    if args.compile:
+        print(f"ours with the compiled decode step: {rate['ours_compiled']:,.0f} tok/s, ratio "
+              f"{rate['ours_compiled'] / rate['peer']:.2f} (warm-up call with compilation: "
+              f"{warm_up['ours_compiled']:.1f} s)")
+    summary = {
         "bench": "generate_speed", "family": args.family, "hidden": args.hidden, "layers": args.layers,
         "vocab": args.vocab, "prompts": args.prompts, "group": args.group, "new_tokens": args.new_tokens,
         "peer_attention": args.attention, "threads": torch.get_num_threads(),
-        "repeats": args.repeats, "ours_tokens_per_s": ours_rate, "peer_tokens_per_s": peer_rate,
-        "speed_ratio": ours_rate / peer_rate,
-    }))
-
+        "repeats": args.repeats, "ours_tokens_per_s": rate["ours"], "peer_tokens_per_s": rate["peer"],
+        "speed_ratio": rate["ours"] / rate["peer"],
+    }
+    if args.compile:
+        summary.update(compiled_tokens_per_s=rate["ours_compiled"],
+                       compiled_speed_ratio=rate["ours_compiled"] / rate["peer"],
+                       compiled_warm_up_s=warm_up["ours_compiled"])
+    print(json.dumps(summary))
 
 if __name__ == "__main__":
     main()

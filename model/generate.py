@@ -8,6 +8,13 @@ or from one integer key per output row (`row_keys`). With keys, the uniform numb
 draw is a hash of (key, position), so a row samples the same ids whichever rows share its batch.
 The trainer uses keys, which lets several processes that each sample a part of a batch
 reproduce one process that samples all of it.
+
+With compile=True, each decode step (one new id per row through the model) runs through
+torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
+the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
+compiles only a few times per process (twice in bench/generate_speed.py). Its logits equal the eager step's up to rounding. So a sampled id can
+differ from the eager path's where a uniform number falls within rounding of a boundary of the
+cumulative distribution.
 """
 
 import hashlib
@@ -15,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from model.transformer import KVCache, Transformer
+from model.compiled import MaybeCompiled
+from model.transformer import KVCache, StaticKVCache, Transformer
 
 
 @dataclass
@@ -110,14 +118,26 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return ids
 
 
+def _decode_step(model: Transformer, ids, positions, cache: StaticKVCache):
+    """Run one new id per row (ids and positions (A, 1)) through the model over `cache`. Returns
+    the logits (A, V) and the step's keys and values (L, A, K, 1, Dh)."""
+    logits = model.forward_masked(ids, positions, None, cache)[:, -1]
+    return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
+
+
+_decode_step_compiled = MaybeCompiled(_decode_step)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids,
              pad_id: int, num_samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, row_keys: list[int] | None = None) -> Generation:
+             generator: torch.Generator | None = None, row_keys: list[int] | None = None,
+             compile: bool = False) -> Generation:
     """Sample continuations of `prompts`; row i * num_samples + j is sample j of prompt i.
 
     stop_ids: ids that end every row, or one list of ids per output row.
     row_keys: one sampling key per output row (see row_key); when given, `generator` is unused.
+    compile: run the decode steps through torch.compile (see the module's docstring).
     """
     device = model.lm_head.weight.device
     N, G = len(prompts), num_samples
@@ -145,10 +165,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         mask[i, P - len(p):] = 1
 
     dtype = model.lm_head.weight.dtype
-    cache = KVCache(model.config, N, P + max_new_tokens, device, dtype)
+    cache = KVCache(model.config, N, P + (0 if compile else max_new_tokens), device, dtype)
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (N, V)
     share = torch.arange(N, device=device).repeat_interleave(G)
-    cache.select_rows(share)
+    if compile:
+        # the G rows of a prompt share its prompt cache, and `cache` now holds each row's generated positions
+        prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
+        positions = mask.sum(-1)[share]  # (rows,): the position of each row's next token
+        cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
+    else:
+        cache.select_rows(share)
     logits, mask = logits[share], mask[share]  # (rows, V), (rows, P)
 
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -172,8 +198,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             keep = (~hit_stop).nonzero().squeeze(-1)
             active, next_ids, mask = active[keep], next_ids[keep], mask[keep]
             cache.select_rows(keep)
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+            if compile:
+                positions = positions[keep]
+        if compile:
+            step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
+                                       cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
+                                       torch.tensor(step, device=device))
+            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], positions[:, None] + step,
+                                                                 step_cache)
+            cache.keys[:, :, :, step:step + 1] = new_keys
+            cache.values[:, :, :, step:step + 1] = new_values
+        else:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (A, cached + 1)
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
 
     lengths, stopped = lengths.tolist(), stopped.tolist()
     return Generation(

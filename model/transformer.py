@@ -84,6 +84,70 @@ class KVCache:
         self.values = self.values.index_select(1, index)
 
 
+class StaticKVCache:
+    """The cache of a decode step (one new position per row) that torch.compile compiles once.
+
+    Row a continues prompt rows[a] // group_size, whose keys and values (L, N, K, P, Dh) are stored
+    once and shared by the rows that continue it, with prompt_mask (N, P) marking its real tokens.
+    keys and values (L, A, K, S, Dh) hold the positions each row generated so far, the first
+    `written` of the S. The caller passes at least two more positions than written, so that S never
+    takes the sizes 0 and 1, for which torch.compile compiles a graph of their own.
+
+    The step does not write its own keys and values. update() collects them in new_keys and
+    new_values, and the caller stores them after the step. (A compiled graph that wrote into its
+    input buffers copied each whole buffer at every layer.)
+    """
+
+    def __init__(self, prompt_keys, prompt_values, prompt_mask, rows, group_size: int, keys, values, written):
+        self.prompt_keys, self.prompt_values, self.prompt_mask = prompt_keys, prompt_values, prompt_mask
+        self.rows, self.group_size = rows, group_size  # rows (A,): each row's index among all N * G rows
+        self.keys, self.values = keys, values
+        self.written = written  # () long: the generated positions written so far; the rest of the S are unused
+        self.new_keys, self.new_values = [], []  # per layer: (A, K, 1, Dh)
+
+    def update(self, layer: int, k, v):
+        """Keep k, v (A, K, 1, Dh) for the caller to store."""
+        self.new_keys.append(k)
+        self.new_values.append(v)
+
+
+def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
+    """Compute the attention of one new query per row, q (A, H, 1, Dh), over the row's prompt, its
+    generated positions and its new key k and value v (A, K, 1, Dh). Returns (A, H, 1, Dh).
+
+    The prompt part multiplies the queries of all rows that continue a prompt with that prompt's
+    keys in one product, so the prompt's cache is read once per group rather than once per row.
+    Rows that have stopped take part as zeros in the grouped products and are dropped after them.
+    """
+    A, H, _, Dh = q.shape
+    K, G = k.shape[1], cache.group_size
+    N, P = cache.prompt_mask.shape
+    q = q.reshape(A, K, H // K, Dh)  # heads h = j * (H / K) + g share key/value head j, as in enable_gqa
+    scale = Dh ** -0.5
+
+    def grouped(x):  # (A, K, H/K, X) -> (N, K, G * H/K, X): each prompt's rows side by side
+        full = x.new_zeros(N * G, *x.shape[1:]).index_copy(0, cache.rows, x)
+        return full.view(N, G, K, H // K, -1).transpose(1, 2).reshape(N, K, G * (H // K), -1)
+
+    def ungrouped(x):  # the inverse of grouped, back to the A rows
+        x = x.view(N, K, G, H // K, -1).transpose(1, 2).reshape(N * G, K, H // K, -1)
+        return x.index_select(0, cache.rows)
+
+    prompt_scores = ungrouped(torch.matmul(grouped(q), cache.prompt_keys[layer].transpose(-1, -2)))  # (A, K, H/K, P)
+    seen = cache.prompt_mask.index_select(0, cache.rows // G)[:, None, None, :]  # (A, 1, 1, P)
+    prompt_scores = prompt_scores.float().masked_fill(~seen, float("-inf"))
+    generated_scores = torch.matmul(q, cache.keys[layer].transpose(-1, -2)).float()  # (A, K, H/K, S)
+    unwritten = torch.arange(generated_scores.shape[-1], device=q.device) >= cache.written  # (S,)
+    generated_scores = generated_scores.masked_fill(unwritten, float("-inf"))
+    new_scores = (q * k).sum(-1, keepdim=True).float()  # (A, K, H/K, 1)
+    scores = torch.cat([prompt_scores, generated_scores, new_scores], dim=-1) * scale
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    S = generated_scores.shape[-1]
+    y = ungrouped(torch.matmul(grouped(weights[..., :P].contiguous()), cache.prompt_values[layer]))
+    y = y + torch.matmul(weights[..., P:P + S], cache.values[layer]) + weights[..., -1:] * v
+    return y.reshape(A, H, 1, Dh)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,7 +164,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | StaticKVCache | None, layer: int):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -110,6 +174,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, Dh)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(cache, StaticKVCache):
+            cache.update(layer, k, v)
+            y = shared_prompt_attention(q, k, v, cache, layer)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh) with S = cached + T
         if T == 1 and mask is not None:
@@ -129,8 +197,9 @@ def decode_attention(q, k, v, mask):
     batched matrix products over the cache and copies no keys per query head. In a one-off timing
     on the 2-core CPU of BENCHMARKS.md (128 rows, 4 query and 2 key/value heads, 170 cached
     positions), a call took 470 us against 606 us for scaled_dot_product_attention, whose CPU
-    kernel is built for long queries; bench/generate_speed.py measures the effect on sampling. The softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded
-    to bf16 before it.
+    kernel is built for long queries; bench/generate_speed.py measures the effect on sampling. The
+    softmax runs in fp32; as in transformers' eager attention, bf16 scores are rounded to bf16
+    before it.
     """
     B, H, _, Dh = q.shape
     K = k.shape[1]
@@ -222,15 +291,23 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        mask = self._attention_mask(attention_mask, start, T, input_ids.device)
+        logits = self.forward_masked(input_ids, position_ids, mask, cache, last_only)
+        if cache is not None:
+            cache.advance(T)
+        return logits
+
+    def forward_masked(self, input_ids, position_ids, mask, cache: KVCache | StaticKVCache | None = None,
+                       last_only: bool = False):
+        """Compute the logits (B, T, V), or (B, 1, V) with last_only, from the positions (B, T) and
+        the boolean attention mask (B or 1, 1, T, S) of every query over all S keys (None: causal).
+        Unlike forward(), it leaves the cache's length to the caller."""
         freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, Dh/2)
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
         x = self.model.embed_tokens(input_ids)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        mask = self._attention_mask(attention_mask, start, T, input_ids.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

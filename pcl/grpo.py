@@ -55,6 +55,7 @@ class GRPOConfig:
     loss_agg: str = "token-mean"  # see pcl.losses.LOSS_AGGREGATIONS
     mask_truncated: bool = False  # drop completions cut by max_new_tokens from the loss
     split_advantage: bool = False
+    compile_decode: bool = False  # sample through model.generate's compiled decode step
 
 
 @dataclass
@@ -159,7 +160,7 @@ def collect_rollouts(model, tok: Tokenizer, task: str, rows: list[Row], cfg: GRP
     model.eval()
     out = generate(model, prompts, cfg.max_new_tokens, stop_ids=[tok.eos_id], pad_id=tok.pad_id,
                    num_samples=G, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-                   row_keys=row_keys)
+                   row_keys=row_keys, compile=cfg.compile_decode)
     model.train(was_training)
 
     rows_b = [row for row in rows for _ in range(G)]

@@ -7,33 +7,11 @@ Shapes: B batch, T target positions (the sequence length minus one), V vocabular
 score values.
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
+from model.compiled import MaybeCompiled
 from model.generate import sampling_logprobs
-
-log = logging.getLogger(__name__)
-
-
-class _MaybeCompiled:
-    """A function run through torch.compile, falling back to eager (with one warning) where
-    compilation is unavailable or disabled."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True)
-        self.enabled = True
-
-    def __call__(self, *args):
-        if self.enabled:
-            try:
-                return self.compiled(*args)
-            except Exception as e:  # compiler missing or unsupported op: eager gives the same result
-                log.warning("torch.compile failed for %s, using eager: %s", self.fn.__name__, e)
-                self.enabled = False
-        return self.fn(*args)
 
 
 def token_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +80,7 @@ def _cross_entropy_rows_grad(logit_rows, rows, log_normalizer, targets, grad_los
 
 _cross_entropy_kernels = {
     False: (_cross_entropy_rows, _cross_entropy_rows_grad),
-    True: (_MaybeCompiled(_cross_entropy_rows), _MaybeCompiled(_cross_entropy_rows_grad)),
+    True: (MaybeCompiled(_cross_entropy_rows), MaybeCompiled(_cross_entropy_rows_grad)),
 }
 
 
@@ -194,7 +172,7 @@ def _score_regression_rows(rows, candidate_ids, candidate_values, targets):
     return ((expected - targets.float()) ** 2).sum()
 
 
-_score_regression_rows_compiled = _MaybeCompiled(_score_regression_rows)
+_score_regression_rows_compiled = MaybeCompiled(_score_regression_rows)
 
 
 def score_regression_fused(logits, score_mask, candidate_ids, candidate_values, targets, compile: bool = True):

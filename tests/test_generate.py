@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from model import generate as generate_module
 from model.generate import generate, keyed_uniforms, row_key, sample_categorical, sample_next, sampling_logprobs
 from pcl.losses import token_logprobs
 from pcl.sequence import Segment, Sequence, collate
@@ -332,3 +333,41 @@ def test_categorical_draw_at_total_mass():
     # zero-probability ids
     probs = torch.tensor([[0.2, 0.5, 0.3, 0.0, 0.0]])
     assert sample_categorical(probs, torch.ones(1, dtype=torch.float64)).tolist() == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled decode step
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def decode_path(request, monkeypatch):
+    """generate(compile=True) through torch.compile, or through the same static-cache step run
+    eagerly (the fallback where compilation is unavailable)."""
+    step = generate_module._decode_step_compiled
+    if request.param == "eager":
+        monkeypatch.setattr(step, "enabled", False)
+    yield request.param
+    if request.param == "compiled":
+        assert step.enabled, "torch.compile failed and the decode step fell back to eager"
+
+
+def test_static_decode_greedy_matches_no_cache(model, decode_path):
+    # rows stop at different steps, so later steps run with fewer rows and the cache shrinks
+    references = [greedy_without_cache(model, p, 10) for p in PROMPTS]
+    stop_ids = [[reference[k]] for reference, k in zip(references, (2, 5, 0))]
+    result = generate(model, PROMPTS, max_new_tokens=10, stop_ids=stop_ids, pad_id=PAD, temperature=0.0,
+                      compile=True)
+    for i, prompt in enumerate(PROMPTS):
+        assert result.tokens[i] == greedy_without_cache(model, prompt, 10, stop_ids[i]), f"row {i}"
+
+
+def test_static_decode_matches_eager_sampling(model, decode_path):
+    keys = [row_key(0, "test", i, j) for i in range(len(PROMPTS)) for j in range(3)]
+    options = dict(max_new_tokens=12, stop_ids=[17, 23], pad_id=PAD, num_samples=3, temperature=1.0, row_keys=keys)
+    eager = generate(model, PROMPTS, **options)
+    static = generate(model, PROMPTS, compile=True, **options)
+    assert any(eager.stopped) and not all(eager.stopped), "the test needs rows that stop early and rows that go on"
+    assert static.tokens == eager.tokens
+    assert static.stopped == eager.stopped
+    for a, b in zip(static.logprobs, eager.logprobs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

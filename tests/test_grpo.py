@@ -60,9 +60,11 @@ def test_evaluation_continues_past_marker(tok, memorized):
     assert metrics["accuracy"] == 1.0
 
 
-def test_rollouts_continue_to_eos(tok, memorized):
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_rollouts_continue_to_eos(tok, memorized, compile_decode):
     model, prompt, sequence = memorized
-    cfg = GRPOConfig(group_size=2, prompts_per_step=1, max_new_tokens=64, temperature=0.0)
+    cfg = GRPOConfig(group_size=2, prompts_per_step=1, max_new_tokens=64, temperature=0.0,
+                     compile_decode=compile_decode)
     rollouts = collect_rollouts(model, tok, "synthetic", [ROW], cfg, WEIGHTS)
     completion = rollouts.completions[0]
     assert completion == sequence.input_ids[len(prompt):]

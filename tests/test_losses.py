@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.compiled import MaybeCompiled
 from pcl import losses
 from pcl.losses import (LOSS_AGGREGATIONS, aggregate, clipped_policy_loss, kl_penalty, loss_normaliser,
                         masked_cross_entropy, score_regression_fused, score_regression_reference, token_cross_entropy,
@@ -160,7 +161,7 @@ def test_compile_failure_falls_back_to_eager(caplog):
     def broken(*args):
         raise RuntimeError("no compiler")
 
-    wrapper = losses._MaybeCompiled(double)
+    wrapper = MaybeCompiled(double)
     wrapper.compiled = broken
     with caplog.at_level("WARNING"):
         assert wrapper(torch.tensor(3.0)).item() == 6.0

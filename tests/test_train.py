@@ -232,3 +232,19 @@ def test_resume_rejects_changed_stage_plan(tmp_path, monkeypatch):
         train.main(["--resume", "--out", str(out)])
     message = str(raised.value.code)
     assert "stage 1 of the run was rl for 2 steps, but the options now plan no such stage" in message
+
+
+def test_compile_decode_reaches_generate(tmp_path, monkeypatch):
+    # --compile-decode must reach every generate call of a hybrid run: rollouts and evaluation-track answers
+    seen = []
+    real = train.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("compile", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "generate", spy)
+    monkeypatch.setattr("pcl.grpo.generate", spy)
+    out = run(tmp_path, "--phase", "hybrid", "--compile-decode")
+    assert seen and all(seen), seen
+    assert json.loads((out / "summary.json").read_text())["steps"] > 0

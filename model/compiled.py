@@ -1,0 +1,26 @@
+"""torch.compile with a fallback to eager, for the fused losses and the compiled decode step."""
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class MaybeCompiled:
+    """A function run through torch.compile(dynamic=True), falling back to eager (with one
+    warning) where compilation is unavailable or fails."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=True)
+        self.enabled = True
+
+    def __call__(self, *args):
+        if self.enabled:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # compiler missing or unsupported op: eager computes the same function
+                log.warning("torch.compile failed for %s, using eager: %s", self.fn.__name__, e)
+                self.enabled = False
+        return self.fn(*args)
