@@ -12,9 +12,9 @@ reproduce one process that samples all of it.
 With compile=True, each decode step (one new id per row through the model) runs through
 torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
 the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
-compiles only a few times per process (twice in bench/generate_speed.py). Its logits equal the eager step's up to rounding. So a sampled id can
-differ from the eager path's where a uniform number falls within rounding of a boundary of the
-cumulative distribution.
+compiles only a few times per process (twice in bench/generate_speed.py). Its logits equal the
+eager step's up to rounding, so a sampled id can differ from the eager path's where a uniform
+number falls within rounding of a boundary of the cumulative distribution.
 """
 
 import hashlib
