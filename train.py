@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -274,22 +275,48 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
     except tomllib.TOMLDecodeError as e:
         p.error(f"--config {path}: invalid TOML: {e}")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
+    lines = Path(path).read_text(errors="replace").splitlines()
     flags, seen = [], {}
     for key, value in options.items():
         action = actions.get(key.replace("-", "_"))
+        where = f"--config {path}, line {config_line(lines, key)}"
         if action is None:
-            p.error(f"--config {path}: unknown option {key!r}; see --help for the options")
+            p.error(f"{where}: unknown option {key!r}; see --help for the options")
         if action.dest in seen:
-            p.error(f"--config {path}: {seen[action.dest]!r} and {key!r} set the same option; keep one of them")
+            p.error(f"{where}: {seen[action.dest]!r} and {key!r} set the same option; keep one of them")
         seen[action.dest] = key
-        if isinstance(value, bool):
+        is_switch = action.nargs == 0
+        if is_switch != isinstance(value, bool):
+            expected = "true or false" if is_switch else "a value, not true or false"
+            p.error(f"{where}: invalid value {value!r} for {key!r}: expected {expected}")
+        if isinstance(value, (list, dict)):
+            p.error(f"{where}: invalid value {value!r} for {key!r}: expected a single value, not a list or table")
+        if is_switch:
             if value:
                 flags.append(action.option_strings[0])
             elif isinstance(action, argparse.BooleanOptionalAction):
                 flags.append(action.option_strings[1])  # the --no- form
-        else:
-            flags += [action.option_strings[0], str(value)]
+            continue
+        text = str(value)
+        try:
+            converted = action.type(text) if action.type is not None else text
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            type_name = getattr(action.type, "__name__", "value")
+            p.error(f"{where}: invalid value {value!r} for {key!r}: expected {type_name}")
+        if action.choices is not None and converted not in action.choices:
+            p.error(f"{where}: invalid value {value!r} for {key!r}: expected one of "
+                    f"{', '.join(map(str, action.choices))}")
+        flags += [action.option_strings[0], text]
     return flags
+
+
+def config_line(lines: list[str], key: str) -> int | str:
+    """Return the 1-based number of the line that sets `key` in a TOML file, or "?" if none does."""
+    pattern = re.compile(rf"""^\s*["']?{re.escape(key)}["']?\s*=""")
+    for number, line in enumerate(lines, 1):
+        if pattern.match(line):
+            return number
+    return "?"
 
 
 def resumed_options(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:

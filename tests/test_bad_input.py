@@ -149,7 +149,17 @@ CASES = [
      ["run_config.json not found, so --out /nonexistent/run contains no run to resume",
       "start the run without --resume"]),
     ("unknown option in --config", config_file("learning_rate = 0.1\n"),
-     ["run.toml: unknown option 'learning_rate'; see --help"]),
+     ["run.toml, line 1: unknown option 'learning_rate'; see --help"]),
+    ("--config value of wrong type", config_file('lr = 0.1\nsteps = "ten"\n'),
+     ["run.toml, line 2: invalid value 'ten' for 'steps': expected int"]),
+    ("--config switch given a number", config_file("compile = 3\n"),
+     ["run.toml, line 1: invalid value 3 for 'compile': expected true or false"]),
+    ("--config value given true", config_file("steps = true\n"),
+     ["run.toml, line 1: invalid value True for 'steps': expected a value, not true or false"]),
+    ("--config value not a choice", config_file('\n"phase" = "xx"\n'),
+     ["run.toml, line 2: invalid value 'xx' for 'phase': expected one of sft, rl, hybrid"]),
+    ("--config list value", config_file('dtype = ["bfloat16"]\n'),
+     ["run.toml, line 1: invalid value ['bfloat16'] for 'dtype': expected a single value"]),
     ("--config not TOML", config_file("steps = = 3\n"), ["run.toml: invalid TOML"]),
 ]
 
