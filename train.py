@@ -91,6 +91,21 @@ RESUME_MAY_CHANGE = {"out", "resume", "config", "log_every", "save_every", "keep
 # command line
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors about an option set in the --config file name its file and line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_sources = {}  # option string -> "--config FILE, line N", for options the file sets
+
+    def error(self, message):
+        for flag, where in self.config_sources.items():
+            if re.search(rf"{re.escape(flag)}(?![\w-])", message):
+                message = f"{message} (set in {where})"
+                break
+        super().error(message)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show defaults, except the None and False of options whose help explains their default."""
 
@@ -102,7 +117,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", help="TOML file setting any of the options below (dashes or underscores); "
                                     "command-line flags override it")
     run = p.add_argument_group("run")
@@ -248,7 +263,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.config:
         # the file's options are parsed as flags placed before the command line's, so they get the
         # same type and choice checks, and the command line wins
+        command_line = argv
         argv = config_file_flags(p, args.config) + argv
+        for flag in list(p.config_sources):  # an option on the command line overrides the file's
+            if any(a == flag or a.startswith(flag + "=") for a in command_line):
+                del p.config_sources[flag]
         args = p.parse_args(argv)
     if args.resume:
         args = resumed_options(p, args, argv)
@@ -272,7 +291,7 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
             options = tomllib.load(f)
     except OSError as e:
         p.error(f"--config {path}: cannot read the file ({e.strerror})")
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         p.error(f"--config {path}: invalid TOML: {e}")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
     lines = Path(path).read_text(errors="replace").splitlines()
@@ -296,6 +315,7 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
                 flags.append(action.option_strings[0])
             elif isinstance(action, argparse.BooleanOptionalAction):
                 flags.append(action.option_strings[1])  # the --no- form
+            p.config_sources[action.option_strings[0]] = where
             continue
         text = str(value)
         try:
@@ -306,7 +326,8 @@ def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
         if action.choices is not None and converted not in action.choices:
             p.error(f"{where}: invalid value {value!r} for {key!r}: expected one of "
                     f"{', '.join(map(str, action.choices))}")
-        flags += [action.option_strings[0], text]
+        flags.append(f"{action.option_strings[0]}={text}")  # with "=", a value that starts with "-" stays a value
+        p.config_sources[action.option_strings[0]] = where
     return flags
 
 

@@ -75,7 +75,8 @@ class ModelConfig:
             if path.is_dir():
                 path = path / "config.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: config.json not found; --init must be an HF model folder")
+                raise FileNotFoundError(f"{path}: config.json not found; expected an HF model folder, which contains "
+                                        "config.json")
             where = str(path)
             try:
                 with open(path, encoding="utf-8") as f:

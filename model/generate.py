@@ -12,9 +12,11 @@ reproduce one process that samples all of it.
 With compile=True, each decode step (one new id per row through the model) runs through
 torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
 the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
-compiles only a few times per process (twice in bench/generate_speed.py). Its logits equal the
-eager step's up to rounding, so a sampled id can differ from the eager path's where a uniform
-number falls within rounding of a boundary of the cumulative distribution.
+compiles only a few times per process (twice in bench/generate_speed.py, three times in a
+process that varied the rows and the new tokens). Its logits equal the eager step's up to
+rounding, so a sampled id can differ from the eager path's where a uniform number falls within
+rounding of a boundary of the cumulative distribution. In bfloat16 that rounding is coarse, and
+even greedy ids differed from the eager path's on a random model.
 """
 
 import hashlib

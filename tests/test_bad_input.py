@@ -85,9 +85,12 @@ def flags(*values: str):
     return lambda tmp, tok: list(values)
 
 
-def config_file(text: str):
+def config_file(text: str | bytes):
     def setup(tmp: Path, tok) -> list[str]:
-        (tmp / "run.toml").write_text(text)
+        if isinstance(text, bytes):
+            (tmp / "run.toml").write_bytes(text)
+        else:
+            (tmp / "run.toml").write_text(text)
         return ["--config", str(tmp / "run.toml")]
     return setup
 
@@ -124,7 +127,7 @@ CASES = [
     ("data folder not found", flags("--data", "gsm8k", "--data-dir", "/nonexistent/gsm8k"),
      ["--data-dir /nonexistent/gsm8k: directory not found"]),
     ("model folder without config.json", model_folder(lambda folder: (folder / "config.json").unlink()),
-     ["config.json: config.json not found; --init must be an HF model folder"]),
+     ["config.json: config.json not found; expected an HF model folder"]),
     ("config.json not JSON", model_folder(lambda folder: (folder / "config.json").write_text("{broken")),
      ["config.json: invalid JSON", "restore the model's config.json"]),
     ("config.json field of wrong type", model_folder(edit_config(hidden_size="32")),
@@ -158,6 +161,9 @@ CASES = [
      ["run.toml, line 1: invalid value True for 'steps': expected a value, not true or false"]),
     ("--config value not a choice", config_file('\n"phase" = "xx"\n'),
      ["run.toml, line 2: invalid value 'xx' for 'phase': expected one of sft, rl, hybrid"]),
+    ("--config not UTF-8", config_file(b"steps = 2\x80\n"), ["run.toml: invalid TOML"]),
+    ("--config value out of range", config_file("lr = 0.1\npool-size = 0\n"),
+     ["--pool-size must be at least 1, got 0 (set in --config", "run.toml, line 2)"]),
     ("--config list value", config_file('dtype = ["bfloat16"]\n'),
      ["run.toml, line 1: invalid value ['bfloat16'] for 'dtype': expected a single value"]),
     ("--config not TOML", config_file("steps = = 3\n"), ["run.toml: invalid TOML"]),

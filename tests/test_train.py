@@ -248,3 +248,9 @@ def test_compile_decode_reaches_generate(tmp_path, monkeypatch):
     out = run(tmp_path, "--phase", "hybrid", "--compile-decode")
     assert seen and all(seen), seen
     assert json.loads((out / "summary.json").read_text())["steps"] > 0
+
+
+def test_config_value_starting_with_dash(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('out = "--steps"\n')
+    assert train.parse_args(["--config", str(config)]).out == "--steps"
