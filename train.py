@@ -143,9 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="torch.compile the fused losses: score regression and chunked cross-entropy (falls back to "
                           "eager with a warning where compilation is unavailable)")
     run.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=False,
-                     help="torch.compile the decode step of rollouts and evaluation-track answers (model.generate); "
-                          "off by default because its rounding differs from eager, which changes the sampled ids "
-                          "and so the default run's results (BENCHMARKS.md has its speed)")
+                     help="torch.compile the decode step of rollouts and of the evaluation track's samples "
+                          "(model.generate); off by default because its rounding differs from eager, which changes "
+                          "the sampled ids and so the default run's results (BENCHMARKS.md has its speed)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its newest usable checkpoint; options not given take "
@@ -287,14 +287,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def config_file_flags(p: argparse.ArgumentParser, path: str) -> list[str]:
     """Turn a TOML file of option = value lines into the equivalent command-line flags."""
     try:
-        with open(path, "rb") as f:
-            options = tomllib.load(f)
+        source = Path(path).read_bytes().decode("utf-8")
+        options = tomllib.loads(source)
     except OSError as e:
         p.error(f"--config {path}: cannot read the file ({e.strerror})")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         p.error(f"--config {path}: invalid TOML: {e}")
     actions = {a.dest: a for a in p._actions if a.option_strings and a.dest not in ("help", "config")}
-    lines = Path(path).read_text(errors="replace").splitlines()
+    lines = source.splitlines()
     flags, seen = [], {}
     for key, value in options.items():
         action = actions.get(key.replace("-", "_"))

@@ -171,9 +171,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (N, V)
     share = torch.arange(N, device=device).repeat_interleave(G)
     if compile:
-        # the G rows of a prompt share its prompt cache, and `cache` now holds each row's generated positions
+        # the G rows of a prompt share its prompt cache, and `cache` now stores each row's generated positions
         prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
-        positions = mask.sum(-1)[share]  # (rows,): the position of each row's next token
+        prompt_lengths = mask.sum(-1)  # (N,): the position of the first generated token
         cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
     else:
         cache.select_rows(share)
@@ -200,14 +200,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             keep = (~hit_stop).nonzero().squeeze(-1)
             active, next_ids, mask = active[keep], next_ids[keep], mask[keep]
             cache.select_rows(keep)
-            if compile:
-                positions = positions[keep]
         if compile:
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
-            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], positions[:, None] + step,
-                                                                 step_cache)
+            positions = prompt_lengths[active // G, None] + step  # (A, 1)
+            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], positions, step_cache)
             cache.keys[:, :, :, step:step + 1] = new_keys
             cache.values[:, :, :, step:step + 1] = new_values
         else:

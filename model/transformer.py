@@ -143,7 +143,7 @@ def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
     scores = torch.cat([prompt_scores, generated_scores, new_scores], dim=-1) * scale
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     S = generated_scores.shape[-1]
-    y = ungrouped(torch.matmul(grouped(weights[..., :P].contiguous()), cache.prompt_values[layer]))
+    y = ungrouped(torch.matmul(grouped(weights[..., :P]), cache.prompt_values[layer]))
     y = y + torch.matmul(weights[..., P:P + S], cache.values[layer]) + weights[..., -1:] * v
     return y.reshape(A, H, 1, Dh)
 

@@ -235,7 +235,7 @@ def test_resume_rejects_changed_stage_plan(tmp_path, monkeypatch):
 
 
 def test_compile_decode_reaches_generate(tmp_path, monkeypatch):
-    # --compile-decode must reach every generate call of a hybrid run: rollouts and evaluation-track answers
+    # --compile-decode must reach every generate call of a hybrid run: rollouts and evaluation-track samples
     seen = []
     real = train.generate
 
