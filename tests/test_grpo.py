@@ -12,10 +12,11 @@ from model.transformer import Transformer
 from pcl import rewards
 from pcl.grpo import (GRPOConfig, Rollouts, collect_rollouts, compute_rewards, flat_groups, group_advantages,
                       grpo_backward, micro_batches, rollout_stats, white_box_reward_fns)
-from pcl.losses import token_cross_entropy, token_logprobs
+from pcl.losses import token_logprobs
 from pcl.sequence import (COMPLETION, Segment, collate, evaluation_track, prompt_ids, rollout_sequence,
                           target_mask)
 from pcl.sft import gold_completion
+from test_evaluate import memorize
 
 ROW = Row(question="Ann has 12 apples. She buys 7 more. How many apples does Ann have now?",
           answer="19", reasoning="12 + 7 = 19.", source="test:0")
@@ -25,22 +26,11 @@ WEIGHTS = rewards.RewardWeights()
 @pytest.fixture(scope="module")
 def memorized(tok):
     """A tiny model trained to write one full post-completion sequence for ROW."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size))
-    model.init_weights(seed=0)
     prompt = prompt_ids(tok, format_prompt("synthetic", ROW))
     evaluation, reward = rewards.render_evaluation(1, 1, WEIGHTS)
     sequence = evaluation_track(tok, prompt, tok.encode(gold_completion(ROW)), evaluation, reward)
-    input_ids, segment_ids = collate([sequence], tok.pad_id)
-    mask = target_mask(segment_ids, COMPLETION)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        loss = token_cross_entropy(model(input_ids)[:, :-1], input_ids[:, 1:], mask) / mask.sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.01, "the fixture model did not memorise its sequence"
-    return model.eval(), prompt, sequence
+    model = memorize(tok, sequence)
+    return model, prompt, sequence
 
 
 def test_inference_stops_at_marker(tok, memorized):

@@ -20,6 +20,7 @@ from conftest import write_hf_style_tokenizer  # noqa: E402  (after the skip, li
 from safetensors.torch import load_file, save_file  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
+from bench.common import left_pad  # noqa: E402
 from model.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.generate import generate  # noqa: E402
@@ -93,17 +94,6 @@ def max_difference(peer, ours, ids) -> float:
         actual = ours(ids)
     assert actual.shape == expected.shape
     return (actual.float() - expected.float()).abs().max().item()
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids (B, P) and attention mask (B, P) of `prompts`."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------
