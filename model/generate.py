@@ -120,10 +120,14 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return ids
 
 
-def _decode_step(model: Transformer, ids, positions, cache: StaticKVCache):
-    """Run one new id per row (ids and positions (A, 1)) through the model over `cache`. Returns
-    the logits (A, V) and the step's keys and values (L, A, K, 1, Dh)."""
-    logits = model.forward_masked(ids, positions, None, cache)[:, -1]
+def _decode_step(model: Transformer, ids, cos, sin, cache: StaticKVCache):
+    """Run one new id per row (ids (A, 1)) through the model over `cache`, with the rotary tables
+    (A, 1, 1, Dh) of the rows' positions. Returns the logits (A, V) and the step's keys and values
+    (L, A, K, 1, Dh).
+
+    The caller computes cos and sin outside the compiled graph: inside it, inductor inlined them
+    into the attention loops and computed them again for every cached position."""
+    logits = model.forward_masked(ids, cos, sin, None, cache)[:, -1]
     return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
 
@@ -205,7 +209,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
-            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], positions, step_cache)
+            cos, sin = model.rotary_tables(positions, dtype)
+            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], cos, sin, step_cache)
             cache.keys[:, :, :, step:step + 1] = new_keys
             cache.values[:, :, :, step:step + 1] = new_values
         else:

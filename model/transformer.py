@@ -292,20 +292,24 @@ class Transformer(nn.Module):
             else:
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         mask = self._attention_mask(attention_mask, start, T, input_ids.device)
-        logits = self.forward_masked(input_ids, position_ids, mask, cache, last_only)
+        cos, sin = self.rotary_tables(position_ids, self.model.embed_tokens.weight.dtype)
+        logits = self.forward_masked(input_ids, cos, sin, mask, cache, last_only)
         if cache is not None:
             cache.advance(T)
         return logits
 
-    def forward_masked(self, input_ids, position_ids, mask, cache: KVCache | StaticKVCache | None = None,
-                       last_only: bool = False):
-        """Compute the logits (B, T, V), or (B, 1, V) with last_only, from the positions (B, T) and
-        the boolean attention mask (B or 1, 1, T, S) of every query over all S keys (None: causal).
-        Unlike forward(), it leaves the cache's length to the caller."""
+    def rotary_tables(self, position_ids, dtype):
+        """Return the cos and sin (B, 1, T, Dh) of the rotary embedding at positions (B, T)."""
         freqs = position_ids[:, :, None].float() * self.inv_freq  # (B, T, Dh/2)
         freqs = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, Dh)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+    def forward_masked(self, input_ids, cos, sin, mask, cache: KVCache | StaticKVCache | None = None,
+                       last_only: bool = False):
+        """Compute the logits (B, T, V), or (B, 1, V) with last_only, from the rotary tables of
+        rotary_tables() and the boolean attention mask (B or 1, 1, T, S) of every query over all S
+        keys (None: causal). Unlike forward(), it leaves the cache's length to the caller."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         if last_only:
