@@ -9,11 +9,12 @@ log = logging.getLogger(__name__)
 
 class MaybeCompiled:
     """A function run through torch.compile(dynamic=True), falling back to eager (with one
-    warning) where compilation is unavailable or fails."""
+    warning) where compilation is unavailable or fails. `options` go to torch.compile's inductor
+    backend."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, **options):
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=True)
+        self.compiled = torch.compile(fn, dynamic=True, options=options or None)
         self.enabled = True
 
     def __call__(self, *args):

@@ -131,7 +131,8 @@ def _decode_step(model: Transformer, ids, cos, sin, cache: StaticKVCache):
     return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
 
-_decode_step_compiled = MaybeCompiled(_decode_step)
+# cpp_wrapper: the graph's kernels are called from C++ rather than from Python
+_decode_step_compiled = MaybeCompiled(_decode_step, cpp_wrapper=True)
 
 
 @torch.no_grad()
