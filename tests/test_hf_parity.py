@@ -24,7 +24,7 @@ from bench.common import left_pad  # noqa: E402
 from model.checkpoint import INDEX_NAME, WEIGHTS_NAME, load_pretrained, save_pretrained  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.generate import generate  # noqa: E402
-from model.tokenizer import MARKER, PCL_TOKENS, Tokenizer  # noqa: E402
+from model.tokenizer import PCL_TOKENS, Tokenizer  # noqa: E402
 
 VOCAB = 300
 # LlamaConfig defaults to bos 1 and eos 2, and generate would stop at that eos, so both are unset
