@@ -487,6 +487,7 @@ def scratch_tokenizer(args, train_rows, weights, out: Path) -> Tokenizer:
         if (cached / "tokenizer.json").is_file():
             log.warning("tokenizer: the cached one in %s was trained for other options; training a new one", cached)
         tok = train_tokenizer(tokenizer_texts(args.data, train_rows[:5000], weights), args.vocab_size)
+        stamp.unlink(missing_ok=True)  # a save cut short must not be taken for a finished one
         tok.save(cached)
         write_json(stamp, trained_on)
         log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)

@@ -254,3 +254,31 @@ def test_config_value_starting_with_dash(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('out = "--steps"\n')
     assert train.parse_args(["--config", str(config)]).out == "--steps"
+
+
+def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
+    args = train.parse_args(["--preset", "tiny", "--train-examples", "40", "--vocab-size", "300"])
+    rows = train.load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
+    weights = train.rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
+    first = train.scratch_tokenizer(args, rows, weights, tmp_path)
+    stamp = tmp_path / "tokenizer" / "trained_on.json"
+    assert stamp.is_file()
+
+    def no_training(*_):
+        raise AssertionError("the cached tokenizer should have been used")
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_tokenizer", no_training)
+        assert train.scratch_tokenizer(args, rows, weights, tmp_path).vocab_size == first.vocab_size
+
+    # a save cut short leaves no stamp, so the next run trains again instead of reading a broken file
+    (tmp_path / "tokenizer" / "tokenizer.json").unlink()
+
+    def broken_save(self, folder):
+        (Path(folder) / "tokenizer.json").write_text("{")
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train.Tokenizer, "save", broken_save)
+        with pytest.raises(KeyboardInterrupt):
+            train.scratch_tokenizer(args, rows, weights, tmp_path)
+    assert not stamp.exists()
+    assert train.scratch_tokenizer(args, rows, weights, tmp_path).vocab_size == first.vocab_size
