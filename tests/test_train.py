@@ -130,6 +130,14 @@ def test_no_post_completion_warns_of_ignored_options(caplog):
     assert "--steps" not in caplog.text
 
 
+@pytest.mark.parametrize("flags, warned", [(["--temperature", "0"], True), (["--temperature", "0.7"], False),
+                                           (["--temperature", "0", "--phase", "sft"], False)])
+def test_greedy_rollouts_warn(caplog, flags, warned):
+    caplog.set_level("WARNING")
+    train.parse_args(flags)
+    assert ("--temperature 0 samples greedily" in caplog.text) == warned
+
+
 def test_metrics_count_tokens(tmp_path):
     out = run(tmp_path, "--phase", "sft")
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
