@@ -12,11 +12,10 @@ reproduce one process that samples all of it.
 With compile=True, each decode step (one new id per row through the model) runs through
 torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
 the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
-compiles only a few times per process (twice in bench/generate_speed.py, three times in a
-process that varied the rows and the new tokens). Its logits equal the eager step's up to
-rounding, so a sampled id can differ from the eager path's where a uniform number falls within
-rounding of a boundary of the cumulative distribution. In bfloat16 that rounding is coarse, and
-even greedy ids differed from the eager path's on a random model.
+compiles only a few times per process (once in bench/generate_speed.py). Its logits equal the eager
+step's up to rounding, so a sampled id can differ from the eager path's where a uniform number
+falls within rounding of a boundary of the cumulative distribution. In bfloat16 that rounding is
+coarse, and even greedy ids differed from the eager path's on a random model.
 """
 
 import hashlib
@@ -209,6 +208,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
+            # Give the cache length its own symbol. It is 2 at the first step, and torch.compile would
+            # otherwise share the symbol of another dimension of size 2 and compile again at step 1.
+            torch._dynamo.mark_dynamic(step_cache.keys, 3)
+            torch._dynamo.mark_dynamic(step_cache.values, 3)
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
             cos, sin = model.rotary_tables(positions, dtype)
             logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], cos, sin, step_cache)

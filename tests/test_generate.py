@@ -372,3 +372,16 @@ def test_static_decode_matches_eager_sampling(model, decode_path):
     assert static.stopped == eager.stopped
     for a, b in zip(static.logprobs, eager.logprobs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_static_decode_compiles_once(model, monkeypatch):
+    # The tiny model has 2 key/value heads, as many as the first step's cache length. One symbol
+    # for both made the second step compile again.
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    step = generate_module._decode_step
+    fresh = type(step)(step.__code__.replace(), step.__globals__)  # its own compilation cache
+    monkeypatch.setattr(generate_module, "_decode_step_compiled", torch.compile(fresh, dynamic=True, backend=counter))
+    generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, num_samples=2, temperature=1.0,
+             row_keys=list(range(6)), compile=True)
+    assert counter.frame_count == 1
