@@ -124,8 +124,9 @@ def _decode_step(model: Transformer, ids, cos, sin, cache: StaticKVCache):
     (A, 1, 1, Dh) of the rows' positions. Returns the logits (A, V) and the step's keys and values
     (L, A, K, 1, Dh).
 
-    The caller computes cos and sin outside the compiled graph: inside it, inductor inlined them
-    into the attention loops and computed them again for every cached position."""
+    The caller computes cos and sin outside the compiled graph. Inside it, inductor inlined them
+    into the kernels that read the rotated queries and keys, and computed them again for every
+    element those kernels read."""
     logits = model.forward_masked(ids, cos, sin, None, cache)[:, -1]
     return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
