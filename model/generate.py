@@ -209,10 +209,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
-            # Give the cache length its own symbol. It is 2 at the first step, and torch.compile would
-            # otherwise share the symbol of another dimension of size 2 and compile again at step 1.
-            torch._dynamo.mark_dynamic(step_cache.keys, 3)
-            torch._dynamo.mark_dynamic(step_cache.values, 3)
+            # Give the cache lengths, of the step and of the buffer it views, symbols of their own.
+            # Otherwise torch.compile gave the step's length (2 at the first step) the symbol of another
+            # dimension of size 2 and compiled again at step 1, and a new max_new_tokens changed the
+            # buffer's strides and compiled again too.
+            for buffer in (cache.keys, cache.values, step_cache.keys, step_cache.values):
+                torch._dynamo.mark_dynamic(buffer, 3)
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
             cos, sin = model.rotary_tables(positions, dtype)
             logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], cos, sin, step_cache)
