@@ -10,7 +10,10 @@ log = logging.getLogger(__name__)
 class MaybeCompiled:
     """A function run through torch.compile(dynamic=True), falling back to eager (with one
     warning) where compilation is unavailable or fails. `options` go to torch.compile's inductor
-    backend."""
+    backend.
+
+    Past torch._dynamo.config.recompile_limit graphs for one function (8 by default), dynamo
+    itself runs further shapes eagerly, with torch's warning and not this one."""
 
     def __init__(self, fn, **options):
         self.fn = fn

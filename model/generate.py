@@ -131,6 +131,25 @@ def _decode_step(model: Transformer, ids, cos, sin, cache: StaticKVCache):
     return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
 
+def _mark_sizes_symbolic(ids, cos, sin, step: StaticKVCache, buffers: KVCache):
+    """Give each size of the decode step's inputs that varies between steps or calls a
+    torch.compile symbol of its own: rows A, prompts N, prompt length P, cached positions S, and
+    the length of the buffers that `step` views. Sizes below 2 stay unmarked, because
+    torch.compile always specialises 0 and 1.
+
+    Unmarked, torch.compile gives sizes that are equal at the first call one symbol and guards on
+    their equality, so the step compiled again when they parted: the S of 2 at the first step
+    against 2 key/value heads, or N against A with one sample per prompt. A new max_new_tokens
+    changed the buffers' strides and compiled it again too.
+    """
+    marks = [(ids, 0), (cos, 0), (sin, 0), (step.rows, 0), (step.prompt_mask, 0), (step.prompt_mask, 1)]
+    for tensor in (step.prompt_keys, step.prompt_values, step.keys, step.values, buffers.keys, buffers.values):
+        marks += [(tensor, 1), (tensor, 3)]  # (L, N or A, K, P or S, Dh)
+    for tensor, dim in marks:
+        if tensor.shape[dim] >= 2:
+            torch._dynamo.mark_dynamic(tensor, dim)
+
+
 # cpp_wrapper: the graph's kernels are called from C++ rather than from Python
 _decode_step_compiled = MaybeCompiled(_decode_step, cpp_wrapper=True)
 
@@ -209,15 +228,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
-            # Give the cache lengths, of the step and of the buffer it views, symbols of their own.
-            # Otherwise torch.compile gave the step's length (2 at the first step) the symbol of another
-            # dimension of size 2 and compiled again at step 1, and a new max_new_tokens changed the
-            # buffer's strides and compiled again too.
-            for buffer in (cache.keys, cache.values, step_cache.keys, step_cache.values):
-                torch._dynamo.mark_dynamic(buffer, 3)
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
             cos, sin = model.rotary_tables(positions, dtype)
-            logits, new_keys, new_values = _decode_step_compiled(model, next_ids[:, None], cos, sin, step_cache)
+            step_ids = next_ids[:, None]
+            _mark_sizes_symbolic(step_ids, cos, sin, step_cache, cache)
+            logits, new_keys, new_values = _decode_step_compiled(model, step_ids, cos, sin, step_cache)
             cache.keys[:, :, :, step:step + 1] = new_keys
             cache.values[:, :, :, step:step + 1] = new_values
         else:

@@ -85,7 +85,8 @@ class KVCache:
 
 
 class StaticKVCache:
-    """The cache of a decode step (one new position per row) that torch.compile compiles once.
+    """The cache of a decode step (one new position per row) as the compiled step reads it. generate
+    makes its sizes torch.compile symbols, so one graph serves steps and calls of other sizes.
 
     Row a continues prompt rows[a] // group_size, whose keys and values (L, N, K, P, Dh) are stored
     once and shared by the rows that continue it, with prompt_mask (N, P) marking its real tokens.

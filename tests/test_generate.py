@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -374,15 +376,40 @@ def test_static_decode_matches_eager_sampling(model, decode_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_static_decode_compiles_once(model, monkeypatch):
-    # The tiny model has 2 key/value heads, as many as the first step's cache length. One symbol
-    # for both made the second step compile again.
+COUNTED_COPIES = itertools.count()
+
+
+def count_compilations(monkeypatch):
+    """Route generate's compiled decode step through a fresh torch.compile that counts compilations."""
     from torch._dynamo.testing import CompileCounter
     counter = CompileCounter()
     step = generate_module._decode_step
-    fresh = type(step)(step.__code__.replace(), step.__globals__)  # its own compilation cache
+    # a code object of its own name: torch.compile keeps what it learnt about sizes per code object,
+    # and identical code objects compare equal
+    code = step.__code__.replace(co_name=f"decode_step_{next(COUNTED_COPIES)}")
+    fresh = type(step)(code, step.__globals__)
     monkeypatch.setattr(generate_module, "_decode_step_compiled", torch.compile(fresh, dynamic=True, backend=counter))
+    return counter
+
+
+def test_static_decode_compiles_once(model, monkeypatch):
+    # The tiny model has 2 key/value heads, as many as the first step's cache length. One symbol
+    # for both made the second step compile again.
+    counter = count_compilations(monkeypatch)
     for max_new_tokens in (6, 9):  # the second call's cache buffer has other strides
         generate(model, PROMPTS, max_new_tokens=max_new_tokens, stop_ids=[], pad_id=PAD, num_samples=2,
                  temperature=1.0, row_keys=list(range(6)), compile=True)
         assert counter.frame_count == 1, f"max_new_tokens={max_new_tokens}"
+
+
+def test_static_decode_one_sample_compiles_once(model, monkeypatch):
+    # with one sample per prompt the rows and the prompts start equal in number and part when a
+    # row stops
+    counter = count_compilations(monkeypatch)
+    first_row = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, temperature=0.0).tokens[0]
+    step = next(k for k in range(2, 6) if first_row[k] not in first_row[:k])  # a stop after some compiled steps
+    stop_ids = [[first_row[step]], [], []]
+    result = generate(model, PROMPTS, max_new_tokens=6, stop_ids=stop_ids, pad_id=PAD, temperature=0.0, compile=True)
+    assert len(result.tokens[0]) == step + 1
+    assert result.stopped == [True, False, False]
+    assert counter.frame_count == 1
