@@ -483,18 +483,38 @@ def scratch_tokenizer(args, train_rows, weights, out: Path) -> Tokenizer:
     trained_on = {"data": args.data, "data_dir": args.data_dir, "vocab_size": args.vocab_size,
                   "train_examples": args.train_examples, "seed": args.seed}
     stamp = cached / "trained_on.json"
-    if (cached / "tokenizer.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == trained_on:
-        tok = Tokenizer.from_folder(cached)
-        log.info("tokenizer: %s (cached, %d ids)", cached, tok.vocab_size)
-    else:
-        if (cached / "tokenizer.json").is_file():
-            log.warning("tokenizer: the cached one in %s was trained for other options; training a new one", cached)
-        tok = train_tokenizer(tokenizer_texts(args.data, train_rows[:5000], weights), args.vocab_size)
-        stamp.unlink(missing_ok=True)  # a save cut short must not be taken for a finished one
-        tok.save(cached)
-        write_json(stamp, trained_on)
-        log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)
+    problem = cached_tokenizer_problem(cached, stamp, trained_on)
+    if problem is None:
+        try:
+            tok = Tokenizer.from_folder(cached)
+            log.info("tokenizer: %s (cached, %d ids)", cached, tok.vocab_size)
+            return tok
+        except (OSError, ValueError) as e:
+            problem = f"cannot be read ({e})"
+    if problem != "missing":
+        log.warning("tokenizer: the cached one in %s %s; training a new one", cached, problem)
+    tok = train_tokenizer(tokenizer_texts(args.data, train_rows[:5000], weights), args.vocab_size)
+    stamp.unlink(missing_ok=True)  # a save cut short must not be taken for a finished one
+    tok.save(cached)
+    write_json(stamp, trained_on)
+    log.info("tokenizer: trained on %s, %d ids, saved to %s", args.data, tok.vocab_size, cached)
     return tok
+
+
+def cached_tokenizer_problem(cached: Path, stamp: Path, trained_on: dict) -> str | None:
+    """Return why the tokenizer cached in `cached` cannot be used for these options ("missing" when
+    nothing is there), or None when it can."""
+    files = [cached / "tokenizer.json", cached / "tokenizer_config.json", stamp]
+    if not any(f.exists() for f in files):
+        return "missing"
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        return f"lacks {', '.join(absent)}"
+    try:
+        stamped = json.loads(stamp.read_text())
+    except (OSError, ValueError) as e:
+        return f"has an unreadable {stamp.name} ({e})"
+    return None if stamped == trained_on else "was trained for other options"
 
 
 def scratch_model(args, tok: Tokenizer) -> Transformer:

@@ -119,9 +119,12 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on invalid files
             raise ValueError(f"{path}: invalid tokenizer file ({e})") from e
         config = {}
-        if (folder / "tokenizer_config.json").is_file():
-            with open(folder / "tokenizer_config.json") as f:
-                config = json.load(f)
+        config_path = folder / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except ValueError as e:
+                raise ValueError(f"{config_path}: invalid JSON ({e})") from e
 
         def token_text(value):
             return value.get("content") if isinstance(value, dict) else value

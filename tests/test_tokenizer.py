@@ -147,6 +147,13 @@ def test_from_folder_missing_tokenizer_json(tmp_path):
         Tokenizer.from_folder(tmp_path)
 
 
+def test_from_folder_invalid_config_named(tok, tmp_path):
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|end')
+    with pytest.raises(ValueError, match="tokenizer_config.json: invalid JSON"):
+        Tokenizer.from_folder(tmp_path)
+
+
 def test_from_folder_no_eos(tmp_path):
     tk = HFTokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
     tk.save(str(tmp_path / "tokenizer.json"))

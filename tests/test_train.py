@@ -290,3 +290,25 @@ def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
             train.scratch_tokenizer(args, rows, weights, tmp_path)
     assert not stamp.exists()
     assert train.scratch_tokenizer(args, rows, weights, tmp_path).vocab_size == first.vocab_size
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("trained_on.json", "has an unreadable trained_on.json"),
+    ("tokenizer_config.json", "lacks tokenizer_config.json"),
+    ("tokenizer.json", "cannot be read"),
+])
+def test_damaged_tokenizer_cache_retrained(tmp_path, caplog, damage, reason):
+    args = train.parse_args(["--preset", "tiny", "--train-examples", "40", "--vocab-size", "300"])
+    rows = train.load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
+    weights = train.rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
+    first = train.scratch_tokenizer(args, rows, weights, tmp_path)
+    path = tmp_path / "tokenizer" / damage
+    if damage == "tokenizer_config.json":
+        path.unlink()  # without it the pad token would fall back to another id
+    else:
+        path.write_text(path.read_text()[:10])  # cut short
+    caplog.set_level("WARNING")
+    again = train.scratch_tokenizer(args, rows, weights, tmp_path)
+    assert reason in caplog.text
+    assert "training a new one" in caplog.text
+    assert (again.pad_id, again.eos_id, again.vocab_size) == (first.pad_id, first.eos_id, first.vocab_size)
