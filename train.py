@@ -440,6 +440,8 @@ def check_args(p: argparse.ArgumentParser, args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out}: exists and is not a directory")
+    if (out / "tokenizer").exists() and not (out / "tokenizer").is_dir():
+        p.error(f"--out {out}: {out / 'tokenizer'} is not a directory; remove it, or pass another --out")
     if args.phase in ("rl", "hybrid") and args.group_size < 2:
         p.error(f"--group-size must be at least 2 for GRPO (advantages compare samples of a group), got {args.group_size}")
     if args.phase in ("rl", "hybrid") and args.temperature == 0 and os.environ.get("RANK", "0") == "0":

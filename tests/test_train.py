@@ -216,6 +216,16 @@ def test_rejects_bad_grpo_settings(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+def test_rejects_tokenizer_file_in_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tokenizer").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--out", str(out)])
+    assert f"{out / 'tokenizer'} is not a directory" in capsys.readouterr().err
+    assert (out / "tokenizer").read_text() == "not a folder"
+
+
 def test_config_rejects_option_set_twice(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text("warmup_steps = 4\nwarmup-steps = 3\n")
