@@ -274,10 +274,16 @@ def test_config_value_starting_with_dash(tmp_path):
     assert train.parse_args(["--config", str(config)]).out == "--steps"
 
 
-def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
+def tokenizer_inputs():
+    """Return the options, training rows and reward weights that scratch_tokenizer takes, for a tiny run."""
     args = train.parse_args(["--preset", "tiny", "--train-examples", "40", "--vocab-size", "300"])
     rows = train.load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
     weights = train.rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
+    return args, rows, weights
+
+
+def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
+    args, rows, weights = tokenizer_inputs()
     first = train.scratch_tokenizer(args, rows, weights, tmp_path)
     stamp = tmp_path / "tokenizer" / "trained_on.json"
     assert stamp.is_file()
@@ -288,7 +294,7 @@ def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
         m.setattr(train, "train_tokenizer", no_training)
         assert train.scratch_tokenizer(args, rows, weights, tmp_path).vocab_size == first.vocab_size
 
-    # a save cut short leaves no stamp, so the next run trains again instead of reading a broken file
+    # A save cut short leaves no stamp, so the next run trains again instead of reading a broken file.
     (tmp_path / "tokenizer" / "tokenizer.json").unlink()
 
     def broken_save(self, folder):
@@ -308,13 +314,11 @@ def test_tokenizer_cache_reused_and_invalidated(tmp_path, monkeypatch):
     ("tokenizer.json", "cannot be read"),
 ])
 def test_damaged_tokenizer_cache_retrained(tmp_path, caplog, damage, reason):
-    args = train.parse_args(["--preset", "tiny", "--train-examples", "40", "--vocab-size", "300"])
-    rows = train.load_rows(args.data, "train", args.data_dir, limit=args.train_examples, seed=args.seed)
-    weights = train.rewards.RewardWeights(args.w_acc, args.w_fmt, args.w_con, args.graded_consistency)
+    args, rows, weights = tokenizer_inputs()
     first = train.scratch_tokenizer(args, rows, weights, tmp_path)
     path = tmp_path / "tokenizer" / damage
     if damage == "tokenizer_config.json":
-        path.unlink()  # without it the pad token would fall back to another id
+        path.unlink()  # without this file the pad token falls back to another id
     else:
         path.write_text(path.read_text()[:10])  # cut short
     caplog.set_level("WARNING")
