@@ -445,8 +445,8 @@ def check_args(p: argparse.ArgumentParser, args):
     if args.phase in ("rl", "hybrid") and args.group_size < 2:
         p.error(f"--group-size must be at least 2 for GRPO (advantages compare samples of a group), got {args.group_size}")
     if args.phase in ("rl", "hybrid") and args.temperature == 0 and os.environ.get("RANK", "0") == "0":
-        log.warning("--temperature 0 samples greedily, so the %d samples of a group are the same answer: every GRPO "
-                    "advantage is 0 and the policy-gradient term gives no gradient", args.group_size)
+        log.warning("--temperature 0 samples greedily, so the %d samples of a group are the same completion, every "
+                    "GRPO advantage is 0 and the policy-gradient term gives no gradient", args.group_size)
     if args.data != "synthetic" and not args.data_dir:
         p.error(f"--data {args.data} reads local files: pass --data-dir")
 

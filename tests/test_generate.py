@@ -384,8 +384,8 @@ def count_compilations(monkeypatch):
     from torch._dynamo.testing import CompileCounter
     counter = CompileCounter()
     step = generate_module._decode_step
-    # a code object of its own name: torch.compile keeps what it learnt about sizes per code object,
-    # and identical code objects compare equal
+    # The copy gets a code object of its own name, because torch.compile keeps what it learnt about
+    # sizes per code object, and identical code objects compare equal.
     code = step.__code__.replace(co_name=f"decode_step_{next(COUNTED_COPIES)}")
     fresh = type(step)(code, step.__globals__)
     monkeypatch.setattr(generate_module, "_decode_step_compiled", torch.compile(fresh, dynamic=True, backend=counter))
@@ -403,8 +403,7 @@ def test_static_decode_compiles_once(model, monkeypatch):
 
 
 def test_static_decode_one_sample_compiles_once(model, monkeypatch):
-    # with one sample per prompt the rows and the prompts start equal in number and part when a
-    # row stops
+    # With one sample per prompt, rows and prompts start equal in number and part when a row stops.
     counter = count_compilations(monkeypatch)
     first_row = generate(model, PROMPTS, max_new_tokens=6, stop_ids=[], pad_id=PAD, temperature=0.0).tokens[0]
     step = next(k for k in range(2, 6) if first_row[k] not in first_row[:k])  # a stop after some compiled steps
