@@ -9,19 +9,22 @@ draw is a hash of (key, position), so a row samples the same ids whichever rows 
 The trainer uses keys, which lets several processes that each sample a part of a batch
 reproduce one process that samples all of it.
 
-With compile=True, each decode step (one new id per row through the model) runs through
-torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache, and this loop writes
-the step's keys and values. The numbers of rows and of cached positions are symbolic, so the step
-compiles only a few times per process (once in bench/generate_speed.py). Its logits equal the eager
-step's up to rounding, so a sampled id can differ from the eager path's where a uniform number
-falls within rounding of a boundary of the cumulative distribution. In bfloat16 that rounding is
-coarse, and even greedy ids differed from the eager path's on a random model.
+With compile=True, each decode step (one new id per row through the model, and the draw of the
+next id) runs through torch.compile(dynamic=True) over a StaticKVCache. The step reads the cache,
+and this loop writes the step's keys and values. The numbers of rows and of cached positions are
+symbolic, so the step compiles only a few times per process (once in bench/generate_speed.py).
+Without nucleus truncation the step draws with sample_blocked, which picks the ids of
+sample_categorical with fewer passes over the vocabulary. Its logits equal the eager step's up to
+rounding, so a sampled id can differ from the eager path's where a uniform number falls within
+rounding of a boundary of the cumulative distribution. In bfloat16 that rounding is coarse, and
+even greedy ids differed from the eager path's on a random model.
 """
 
 import hashlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from model.compiled import MaybeCompiled
 from model.transformer import KVCache, StaticKVCache, Transformer
@@ -108,41 +111,94 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     thousands took a fifth of a rollout's time on CPU.
     """
     cumulative = probs.double().cumsum(-1)  # (N, V), non-decreasing
-    threshold = uniforms.to(cumulative.device)[:, None] * cumulative[:, -1:]  # (N, 1)
-    ids = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)  # (N,)
-    # a uniform number within rounding of 1 can put the threshold at the total: take the first id
-    # that reaches the total, which has a probability above 0 (keyed uniforms stay below 1 - 2^-52
-    # and never get here)
-    overflow = ids == probs.shape[-1]
-    if overflow.any():
-        ids = torch.where(overflow, cumulative.argmax(-1), ids)
-    return ids
+    total = cumulative[:, -1:]  # (N, 1)
+    threshold = uniforms.to(cumulative.device)[:, None] * total  # (N, 1)
+    # A uniform number within rounding of 1 can put the threshold at the total. Below the total by
+    # one rounding step, it selects the first id that reaches the total, which has a probability
+    # above 0. (Keyed uniforms stay below 1 - 2^-52 and never need this.) The clamp has no branch,
+    # so the compiled decode step runs it inside its graph.
+    threshold = torch.minimum(threshold, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)  # (N,)
 
 
-def _decode_step(model: Transformer, ids, cos, sin, cache: StaticKVCache):
-    """Run one new id per row (ids (A, 1)) through the model over `cache`, with the rotary tables
-    (A, 1, 1, Dh) of the rows' positions. Returns the logits (A, V) and the step's keys and values
-    (L, A, K, 1, Dh).
+def sample_with_logprobs(logits: torch.Tensor, temperature: float, top_p: float,
+                         uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one id per row from logits (N, V) with sample_next, given uniform numbers (N,) or None
+    when greedy. Returns the ids (N,) and their fp32 log-probabilities (N,) under sampling_logprobs."""
+    logprobs = sampling_logprobs(logits, temperature)
+    ids = sample_next(logprobs, temperature, top_p, uniforms=uniforms)
+    return ids, logprobs.gather(-1, ids[:, None]).squeeze(-1)
 
-    The caller computes cos and sin outside the compiled graph. Inside it, inductor inlined them
-    into the kernels that read the rotated queries and keys, and computed them again for every
-    element those kernels read."""
+
+def sample_blocked(logits: torch.Tensor, temperature: float,
+                   uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one id per row from logits (N, V) as sample_with_logprobs does at temperature > 0 and
+    top_p = 1, in fewer passes over the vocabulary. Returns the ids (N,) and their fp32
+    log-probabilities (N,).
+
+    The vocabulary is cut into blocks of about sqrt(V) ids. One pass exponentiates the logits and
+    sums each block in float64; the cumulative sum over the blocks finds the block where the
+    threshold falls, and a cumulative sum inside that block finds the id. sample_categorical
+    instead writes log-probabilities, probabilities and their float64 cumulative sum over all V.
+    The ids are the same unless a threshold falls within float64 rounding of a boundary, where
+    summing in another order can move it (tests/test_generate.py compares both).
+    """
+    x = logits.float() if temperature == 1 else logits.float() / temperature
+    N, V = x.shape
+    block = 1 << max(4, round(V.bit_length() / 2))  # a power of two near sqrt(V)
+    if V % block:
+        x = F.pad(x, (0, -V % block), value=float("-inf"))  # ids past V get probability 0
+    top = x.amax(-1, keepdim=True)  # (N, 1)
+    blocks = x.view(N, -1, block)  # (N, B, C)
+    cumulative = (blocks - top[:, :, None]).exp().double().sum(-1).cumsum(-1)  # (N, B)
+    total = cumulative[:, -1:]  # (N, 1)
+    threshold = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    b = torch.searchsorted(cumulative, threshold, right=True)  # (N, 1): the first block that passes it
+    before = torch.where(b > 0, cumulative.gather(-1, (b - 1).clamp(min=0)), 0.0)  # (N, 1)
+    probs = (blocks.gather(1, b[:, :, None].expand(N, 1, block)).squeeze(1) - top).exp()  # (N, C)
+    passed = (before + probs.double().cumsum(-1) > threshold) & (probs > 0)  # (N, C)
+    # Rounding can leave no id of the block past the threshold. The row then takes the block's last
+    # id with probability above 0.
+    last = block - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    ids = b.squeeze(-1) * block + torch.where(passed.any(-1), passed.int().argmax(-1), last)  # (N,)
+    logprobs = x.gather(-1, ids[:, None]).squeeze(-1) - top.squeeze(-1) - total.squeeze(-1).log().float()
+    return ids, logprobs
+
+
+def _decode_step(model: Transformer, ids, positions, rotary, cache: StaticKVCache, uniforms, temperature: float,
+                 top_p: float):
+    """Run one new id per row (ids (A, 1)) at its position (positions (A, 1)) through the model over
+    `cache`, and sample each row's next id as sample_with_logprobs does. Returns the next ids (A,),
+    their log-probs (A,), and the step's keys and values (L, A, K, 1, Dh).
+
+    rotary is the pair of cos and sin tables (T, Dh) for every position of the call, which the
+    caller computes once, and the step gathers its rows' entries. When the step computed them,
+    inductor inlined sin and cos into the kernels that read the rotated queries and keys, and
+    computed them again for every element those kernels read."""
+    cos, sin = (table[positions][:, None] for table in rotary)  # (A, 1, 1, Dh)
     logits = model.forward_masked(ids, cos, sin, None, cache)[:, -1]
-    return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)
+    if uniforms is not None and top_p >= 1:  # sampling at temperature > 0 without nucleus truncation
+        next_ids, next_logprobs = sample_blocked(logits, temperature, uniforms)
+    else:
+        next_ids, next_logprobs = sample_with_logprobs(logits, temperature, top_p, uniforms)
+    return next_ids, next_logprobs, torch.stack(cache.new_keys), torch.stack(cache.new_values)
 
 
-def _mark_sizes_symbolic(ids, cos, sin, step: StaticKVCache, buffers: KVCache):
+def _mark_sizes_symbolic(ids, positions, rotary, uniforms, step: StaticKVCache, buffers: KVCache):
     """Give each size of the decode step's inputs that varies between steps or calls a
-    torch.compile symbol of its own: rows A, prompts N, prompt length P, cached positions S, and
-    the length of the buffers that `step` views. Sizes below 2 stay unmarked, because
-    torch.compile always specialises 0 and 1.
+    torch.compile symbol of its own: rows A, prompts N, prompt length P, cached positions S, the
+    length of the buffers that `step` views, and the length of the rotary tables. Sizes below 2
+    stay unmarked, because torch.compile always specialises 0 and 1.
 
     Unmarked, torch.compile gives sizes that are equal at the first call one symbol and guards on
     their equality, so the step compiled again when they parted. This happened to the S of 2 at the
     first step against 2 key/value heads, and to N against A with one sample per prompt. A new
     max_new_tokens changed the buffers' strides and compiled the step again too.
     """
-    marks = [(ids, 0), (cos, 0), (sin, 0), (step.rows, 0), (step.prompt_mask, 0), (step.prompt_mask, 1)]
+    marks = [(ids, 0), (positions, 0), (rotary[0], 0), (rotary[1], 0), (step.rows, 0), (step.prompt_mask, 0),
+             (step.prompt_mask, 1)]
+    if uniforms is not None:
+        marks.append((uniforms, 0))
     for tensor in (step.prompt_keys, step.prompt_values, step.keys, step.values, buffers.keys, buffers.values):
         marks += [(tensor, 1), (tensor, 3)]  # (L, N or A, K, P or S, Dh)
     for tensor, dim in marks:
@@ -200,6 +256,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
         prompt_lengths = mask.sum(-1)  # (N,): the position of the first generated token
         cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
+        cos, sin = model.rotary_tables(torch.arange(P + max_new_tokens, device=device)[None], dtype)
+        rotary = cos[0, 0], sin[0, 0]  # (P + max_new_tokens, Dh) each: every position a row can reach
     else:
         cache.select_rows(share)
     logits, mask = logits[share], mask[share]  # (rows, V), (rows, P)
@@ -210,12 +268,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     stopped = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(rows, device=device)  # output rows still generating, in cache order
     keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.long, device=device)  # (rows,)
+
+    def uniforms(step):  # (A,) float64 numbers that draw the active rows' ids at `step`; None when greedy
+        if temperature == 0:
+            return None
+        if keys is not None:
+            return keyed_uniforms(keys[active], step)
+        return torch.rand(len(active), generator=generator, device=device, dtype=torch.float64)
+
+    next_ids, next_logprobs = sample_with_logprobs(logits, temperature, top_p, uniforms(0))  # (A,), (A,)
     for step in range(max_new_tokens):
-        step_logprobs = sampling_logprobs(logits, temperature)  # (A, V)
-        uniforms = None if keys is None or temperature == 0 else keyed_uniforms(keys[active], step)  # (A,)
-        next_ids = sample_next(step_logprobs, temperature, top_p, generator, uniforms)  # (A,)
         tokens[active, step] = next_ids
-        logprobs[active, step] = step_logprobs.gather(-1, next_ids[:, None]).squeeze(-1)
+        logprobs[active, step] = next_logprobs
         lengths[active] += 1
         hit_stop = (stops[active] == next_ids[:, None]).any(-1)
         stopped[active] |= hit_stop
@@ -225,20 +289,22 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             keep = (~hit_stop).nonzero().squeeze(-1)
             active, next_ids, mask = active[keep], next_ids[keep], mask[keep]
             cache.select_rows(keep)
+        step_uniforms = uniforms(step + 1)
         if compile:
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
                                        cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
                                        torch.tensor(step, device=device))
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
-            cos, sin = model.rotary_tables(positions, dtype)
             step_ids = next_ids[:, None]
-            _mark_sizes_symbolic(step_ids, cos, sin, step_cache, cache)
-            logits, new_keys, new_values = _decode_step_compiled(model, step_ids, cos, sin, step_cache)
+            _mark_sizes_symbolic(step_ids, positions, rotary, step_uniforms, step_cache, cache)
+            next_ids, next_logprobs, new_keys, new_values = _decode_step_compiled(
+                model, step_ids, positions, rotary, step_cache, step_uniforms, temperature, top_p)
             cache.keys[:, :, :, step:step + 1] = new_keys
             cache.values[:, :, :, step:step + 1] = new_values
         else:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # (A, cached + 1)
             logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+            next_ids, next_logprobs = sample_with_logprobs(logits, temperature, top_p, step_uniforms)
 
     lengths, stopped = lengths.tolist(), stopped.tolist()
     return Generation(

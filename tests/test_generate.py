@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from model import generate as generate_module
-from model.generate import generate, keyed_uniforms, row_key, sample_categorical, sample_next, sampling_logprobs
+from model.compiled import MaybeCompiled
+from model.generate import (generate, keyed_uniforms, row_key, sample_blocked, sample_categorical, sample_next,
+                            sample_with_logprobs, sampling_logprobs)
 from pcl.losses import token_logprobs
 from pcl.sequence import Segment, Sequence, collate
 
@@ -337,6 +339,40 @@ def test_categorical_draw_at_total_mass():
     assert sample_categorical(probs, torch.ones(1, dtype=torch.float64)).tolist() == [2]
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def blocked_sampler(request):
+    """sample_blocked, run eagerly or through torch.compile as inside the compiled decode step."""
+    if request.param == "eager":
+        return sample_blocked
+    return torch.compile(sample_blocked, dynamic=True)
+
+
+@pytest.mark.parametrize("vocab", [2048, 2000, 37])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
+    # the reference draws from the cumulative sum over the whole vocabulary; the blocked sampler sums
+    # in blocks (2000 and 37 ids do not fill the last one) and must pick the same ids
+    generator = torch.Generator().manual_seed(vocab)
+    scale = torch.tensor([1.0, 4.0, 30.0]).repeat_interleave(100)[:, None]  # 30: many ids exp() to 0 in fp32
+    logits = torch.randn(300, vocab, generator=generator) * scale
+    uniforms = torch.rand(300, generator=generator, dtype=torch.float64)
+    uniforms[:3] = torch.tensor([0.0, 1 - 2.0 ** -53, 1.0], dtype=torch.float64)  # 1.0: see sample_categorical
+    ids, logprobs = blocked_sampler(logits, temperature, uniforms)
+    expected_ids, expected_logprobs = sample_with_logprobs(logits, temperature, 1.0, uniforms)
+    assert ids.tolist() == expected_ids.tolist()
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_sampler_never_draws_zero_probability():
+    # at u within rounding of 1, the draw falls on the last id with probability above 0
+    logits = torch.full((2, 40), float("-inf"))
+    logits[0, [3, 17]] = torch.tensor([0.0, 1.0])
+    logits[1, 5] = 2.0
+    ids, logprobs = sample_blocked(logits, 1.0, torch.tensor([1.0, 1 - 2.0 ** -53], dtype=torch.float64))
+    assert ids.tolist() == [17, 5]
+    assert torch.isfinite(logprobs).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Compiled decode step
 
@@ -363,9 +399,11 @@ def test_static_decode_greedy_matches_no_cache(model, decode_path):
         assert result.tokens[i] == greedy_without_cache(model, prompt, 10, stop_ids[i]), f"row {i}"
 
 
-def test_static_decode_matches_eager_sampling(model, decode_path):
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])  # the last: nucleus
+def test_static_decode_matches_eager_sampling(model, decode_path, temperature, top_p):
     keys = [row_key(0, "test", i, j) for i in range(len(PROMPTS)) for j in range(3)]
-    options = dict(max_new_tokens=12, stop_ids=[17, 23], pad_id=PAD, num_samples=3, temperature=1.0, row_keys=keys)
+    options = dict(max_new_tokens=12, stop_ids=[17, 23], pad_id=PAD, num_samples=3, temperature=temperature,
+                   top_p=top_p, row_keys=keys)
     eager = generate(model, PROMPTS, **options)
     static = generate(model, PROMPTS, compile=True, **options)
     assert any(eager.stopped), "the test needs rows that stop early"
@@ -388,7 +426,9 @@ def count_compilations(monkeypatch):
     # sizes per code object, and identical code objects compare equal.
     code = step.__code__.replace(co_name=f"decode_step_{next(COUNTED_COPIES)}")
     fresh = type(step)(code, step.__globals__)
-    monkeypatch.setattr(generate_module, "_decode_step_compiled", torch.compile(fresh, dynamic=True, backend=counter))
+    counted = MaybeCompiled(fresh)
+    counted.compiled = torch.compile(fresh, dynamic=True, backend=counter)  # called with MaybeCompiled's settings
+    monkeypatch.setattr(generate_module, "_decode_step_compiled", counted)
     return counter
 
 
