@@ -255,7 +255,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         # the G rows of a prompt share its prompt cache, and `cache` now stores each row's generated positions
         prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
         prompt_lengths = mask.sum(-1)  # (N,): the position of the first generated token
-        cache = KVCache(model.config, rows, max_new_tokens + 2, device, dtype)  # 2: see StaticKVCache
+        cache = KVCache(model.config, rows, max_new_tokens + StaticKVCache.spare, device, dtype)
         cos, sin = model.rotary_tables(torch.arange(P + max_new_tokens, device=device)[None], dtype)
         rotary = cos[0, 0], sin[0, 0]  # (P + max_new_tokens, Dh) each: every position a row can reach
     else:
@@ -291,9 +291,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             cache.select_rows(keep)
         step_uniforms = uniforms(step + 1)
         if compile:
+            S = step + StaticKVCache.spare
             step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
-                                       cache.keys[:, :, :, :step + 2], cache.values[:, :, :, :step + 2],
-                                       torch.tensor(step, device=device))
+                                       cache.keys[:, :, :, :S], cache.values[:, :, :, :S])
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
             step_ids = next_ids[:, None]
             _mark_sizes_symbolic(step_ids, positions, rotary, step_uniforms, step_cache, cache)

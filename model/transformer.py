@@ -90,20 +90,21 @@ class StaticKVCache:
 
     Row a continues prompt rows[a] // group_size, whose keys and values (L, N, K, P, Dh) are stored
     once and shared by the rows that continue it, with prompt_mask (N, P) marking its real tokens.
-    keys and values (L, A, K, S, Dh) hold the positions each row generated so far, the first
-    `written` of the S. The caller passes at least two more positions than written, so that S never
-    takes the sizes 0 and 1, for which torch.compile compiles a graph of their own.
+    keys and values (L, A, K, S, Dh) hold the positions each row generated so far, followed by
+    `spare` unused positions, so that S never takes the sizes 0 and 1, for which torch.compile
+    compiles a graph of their own.
 
     The step does not write its own keys and values. update() collects them in new_keys and
     new_values, and the caller stores them after the step. (A compiled graph that wrote into its
     input buffers copied each whole buffer at every layer.)
     """
 
-    def __init__(self, prompt_keys, prompt_values, prompt_mask, rows, group_size: int, keys, values, written):
+    spare = 2  # unused positions at the end of keys and values
+
+    def __init__(self, prompt_keys, prompt_values, prompt_mask, rows, group_size: int, keys, values):
         self.prompt_keys, self.prompt_values, self.prompt_mask = prompt_keys, prompt_values, prompt_mask
         self.rows, self.group_size = rows, group_size  # rows (A,): each row's index among all N * G rows
         self.keys, self.values = keys, values
-        self.written = written  # () long: the generated positions written so far; the rest of the S are unused
         self.new_keys, self.new_values = [], []  # per layer: (A, K, 1, Dh)
 
     def update(self, layer: int, k, v):
@@ -138,12 +139,12 @@ def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
     seen = cache.prompt_mask.index_select(0, cache.rows // G)[:, None, None, :]  # (A, 1, 1, P)
     prompt_scores = prompt_scores.float().masked_fill(~seen, float("-inf"))
     generated_scores = torch.matmul(q, cache.keys[layer].transpose(-1, -2)).float()  # (A, K, H/K, S)
-    unwritten = torch.arange(generated_scores.shape[-1], device=q.device) >= cache.written  # (S,)
+    S = generated_scores.shape[-1]
+    unwritten = torch.arange(S, device=q.device) >= S - cache.spare  # (S,)
     generated_scores = generated_scores.masked_fill(unwritten, float("-inf"))
     new_scores = (q * k).sum(-1, keepdim=True).float()  # (A, K, H/K, 1)
     scores = torch.cat([prompt_scores, generated_scores, new_scores], dim=-1) * scale
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    S = generated_scores.shape[-1]
     y = ungrouped(torch.matmul(grouped(weights[..., :P]), cache.prompt_values[layer]))
     y = y + torch.matmul(weights[..., P:P + S], cache.values[layer]) + weights[..., -1:] * v
     return y.reshape(A, H, 1, Dh)
