@@ -195,8 +195,8 @@ def _mark_sizes_symbolic(ids, positions, rotary, uniforms, step: StaticKVCache, 
     first step against 2 key/value heads, and to N against A with one sample per prompt. A new
     max_new_tokens changed the buffers' strides and compiled the step again too.
     """
-    marks = [(ids, 0), (positions, 0), (rotary[0], 0), (rotary[1], 0), (step.rows, 0), (step.prompt_mask, 0),
-             (step.prompt_mask, 1)]
+    marks = [(ids, 0), (positions, 0), (rotary[0], 0), (rotary[1], 0), (step.rows, 0), (step.prompt_bias, 0),
+             (step.prompt_bias, 1)]
     if uniforms is not None:
         marks.append((uniforms, 0))
     for tensor in (step.prompt_keys, step.prompt_values, step.keys, step.values, buffers.keys, buffers.values):
@@ -253,7 +253,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     share = torch.arange(N, device=device).repeat_interleave(G)
     if compile:
         # the G rows of a prompt share its prompt cache, and `cache` now stores each row's generated positions
-        prompt_keys, prompt_values, prompt_mask = cache.keys, cache.values, mask.bool()
+        prompt_keys, prompt_values = cache.keys, cache.values
+        prompt_bias = torch.zeros(N, P, device=device).masked_fill(mask == 0, float("-inf"))  # (N, P)
         prompt_lengths = mask.sum(-1)  # (N,): the position of the first generated token
         cache = KVCache(model.config, rows, max_new_tokens + StaticKVCache.spare, device, dtype)
         cos, sin = model.rotary_tables(torch.arange(P + max_new_tokens, device=device)[None], dtype)
@@ -292,7 +293,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         step_uniforms = uniforms(step + 1)
         if compile:
             S = step + StaticKVCache.spare
-            step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_mask, active, G,
+            step_cache = StaticKVCache(prompt_keys, prompt_values, prompt_bias, active, G,
                                        cache.keys[:, :, :, :S], cache.values[:, :, :, :S])
             positions = prompt_lengths[active // G, None] + step  # (A, 1)
             step_ids = next_ids[:, None]

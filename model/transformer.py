@@ -89,7 +89,8 @@ class StaticKVCache:
     makes its sizes torch.compile symbols, so one graph serves steps and calls of other sizes.
 
     Row a continues prompt rows[a] // group_size, whose keys and values (L, N, K, P, Dh) are stored
-    once and shared by the rows that continue it, with prompt_mask (N, P) marking its real tokens.
+    once and shared by the rows that continue it. prompt_bias (N, P) fp32 is 0 at its real tokens and
+    -inf at its padding, and is added to the attention scores.
     keys and values (L, A, K, S, Dh) hold the positions each row generated so far, followed by
     `spare` unused positions, so that S never takes the sizes 0 and 1, for which torch.compile
     compiles a graph of their own.
@@ -101,8 +102,8 @@ class StaticKVCache:
 
     spare = 2  # unused positions at the end of keys and values
 
-    def __init__(self, prompt_keys, prompt_values, prompt_mask, rows, group_size: int, keys, values):
-        self.prompt_keys, self.prompt_values, self.prompt_mask = prompt_keys, prompt_values, prompt_mask
+    def __init__(self, prompt_keys, prompt_values, prompt_bias, rows, group_size: int, keys, values):
+        self.prompt_keys, self.prompt_values, self.prompt_bias = prompt_keys, prompt_values, prompt_bias
         self.rows, self.group_size = rows, group_size  # rows (A,): each row's index among all N * G rows
         self.keys, self.values = keys, values
         self.new_keys, self.new_values = [], []  # per layer: (A, K, 1, Dh)
@@ -123,7 +124,7 @@ def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
     """
     A, H, _, Dh = q.shape
     K, G = k.shape[1], cache.group_size
-    N, P = cache.prompt_mask.shape
+    N, P = cache.prompt_bias.shape
     q = q.reshape(A, K, H // K, Dh)  # heads h = j * (H / K) + g share key/value head j, as in enable_gqa
     scale = Dh ** -0.5
 
@@ -135,9 +136,9 @@ def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
         x = x.view(N, K, G, H // K, -1).transpose(1, 2).reshape(N * G, K, H // K, -1)
         return x.index_select(0, cache.rows)
 
-    prompt_scores = ungrouped(torch.matmul(grouped(q), cache.prompt_keys[layer].transpose(-1, -2)))  # (A, K, H/K, P)
-    seen = cache.prompt_mask.index_select(0, cache.rows // G)[:, None, None, :]  # (A, 1, 1, P)
-    prompt_scores = prompt_scores.float().masked_fill(~seen, float("-inf"))
+    # the padding bias is added per prompt before the rows are picked out: one fewer gather per layer
+    prompt_scores = torch.matmul(grouped(q), cache.prompt_keys[layer].transpose(-1, -2)).float()  # (N, K, G * H/K, P)
+    prompt_scores = ungrouped(prompt_scores + cache.prompt_bias[:, None, None, :])  # (A, K, H/K, P)
     generated_scores = torch.matmul(q, cache.keys[layer].transpose(-1, -2)).float()  # (A, K, H/K, S)
     S = generated_scores.shape[-1]
     unwritten = torch.arange(S, device=q.device) >= S - cache.spare  # (S,)
