@@ -136,7 +136,7 @@ def shared_prompt_attention(q, k, v, cache: StaticKVCache, layer: int):
         x = x.view(N, K, G, H // K, -1).transpose(1, 2).reshape(N * G, K, H // K, -1)
         return x.index_select(0, cache.rows)
 
-    # the padding bias is added per prompt before the rows are picked out: one fewer gather per layer
+    # The padding bias is added per prompt, before the rows are picked out, which saves a gather per layer.
     prompt_scores = torch.matmul(grouped(q), cache.prompt_keys[layer].transpose(-1, -2)).float()  # (N, K, G * H/K, P)
     prompt_scores = ungrouped(prompt_scores + cache.prompt_bias[:, None, None, :])  # (A, K, H/K, P)
     generated_scores = torch.matmul(q, cache.keys[layer].transpose(-1, -2)).float()  # (A, K, H/K, S)

@@ -350,8 +350,8 @@ def blocked_sampler(request):
 @pytest.mark.parametrize("vocab", [2048, 2000, 37])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
-    # the reference draws from the cumulative sum over the whole vocabulary; the blocked sampler sums
-    # in blocks (2000 and 37 ids do not fill the last one) and must pick the same ids
+    # The reference draws from the cumulative sum over the whole vocabulary, and the blocked sampler
+    # sums in blocks (2000 and 37 ids leave the last block short). Both must pick the same ids.
     generator = torch.Generator().manual_seed(vocab)
     scale = torch.tensor([1.0, 4.0, 30.0]).repeat_interleave(100)[:, None]  # 30: many ids exp() to 0 in fp32
     logits = torch.randn(300, vocab, generator=generator) * scale
@@ -364,7 +364,7 @@ def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
 
 
 def test_blocked_sampler_never_draws_zero_probability():
-    # at u within rounding of 1, the draw falls on the last id with probability above 0
+    # At u within rounding of 1, the draw falls on the last id with probability above 0.
     logits = torch.full((2, 40), float("-inf"))
     logits[0, [3, 17]] = torch.tensor([0.0, 1.0])
     logits[1, 5] = 2.0
