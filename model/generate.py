@@ -156,11 +156,14 @@ def sample_blocked(logits: torch.Tensor, temperature: float,
     b = torch.searchsorted(cumulative, threshold, right=True)  # (N, 1): the first block that passes it
     before = torch.where(b > 0, cumulative.gather(-1, (b - 1).clamp(min=0)), 0.0)  # (N, 1)
     probs = (blocks.gather(1, b[:, :, None].expand(N, 1, block)).squeeze(1) - top).exp()  # (N, C)
-    passed = (before + probs.double().cumsum(-1) > threshold) & (probs > 0)  # (N, C)
-    # Rounding can leave no id of the block past the threshold. The row then takes the block's last
-    # id with probability above 0.
-    last = block - 1 - (probs > 0).flip(-1).int().argmax(-1)
-    ids = b.squeeze(-1) * block + torch.where(passed.any(-1), passed.int().argmax(-1), last)  # (N,)
+    inside = before + probs.double().cumsum(-1)  # (N, C), non-decreasing
+    passed = (inside > threshold) & (probs > 0)
+    # Rounding can leave no id of the block past the threshold. The row then takes the first id with
+    # probability above 0 at which the block's cumulative sum reaches its end, as sample_categorical
+    # takes the first id that reaches the total.
+    reached = (inside >= inside[:, -1:]) & (probs > 0)
+    offset = torch.where(passed.any(-1), passed.int().argmax(-1), reached.int().argmax(-1))  # (N,)
+    ids = b.squeeze(-1) * block + offset
     logprobs = x.gather(-1, ids[:, None]).squeeze(-1) - top.squeeze(-1) - total.squeeze(-1).log().float()
     return ids, logprobs
 

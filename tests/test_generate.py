@@ -363,6 +363,23 @@ def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
     torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
 
 
+def test_blocked_sampler_rounding_fallback():
+    # Random logits scaled by 33, with exp() of the lowest ones denormal in fp32. With torch 2.13 on
+    # x86-64, the float64 sum of the first block came out one rounding step above the cumulative sum
+    # inside it, so at u = 1 no id of the block passed the threshold. The draw must be the first id
+    # that reaches the total, as in sample_categorical, not the block's last id (probability ~1e-42).
+    finite = [10.345311164855957, -6.6386847496032715, 64.81097412109375, 25.73446273803711, -57.40557861328125,
+              11.537744522094727, 49.3563117980957, 15.501708984375, 21.869529724121094, 28.9705867767334,
+              6.6868696212768555, -37.416507720947266, 39.510746002197266, 0.7060828804969788, -24.13774871826172,
+              -30.97378158569336, -51.3205451965332, -26.07556915283203, -7.677028656005859, -85.94579315185547]
+    logits = torch.tensor([finite + [float("-inf")] * 20])
+    uniforms = torch.ones(1, dtype=torch.float64)
+    ids, logprobs = sample_blocked(logits, 1.0, uniforms)
+    expected_ids, _ = sample_with_logprobs(logits, 1.0, 1.0, uniforms)
+    assert ids.tolist() == expected_ids.tolist() == [12]
+    assert torch.isfinite(logprobs).all()
+
+
 def test_blocked_sampler_never_draws_zero_probability():
     # At u within rounding of 1, the draw falls on the last id with probability above 0.
     logits = torch.full((2, 40), float("-inf"))
