@@ -356,11 +356,16 @@ def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
     scale = torch.tensor([1.0, 4.0, 30.0]).repeat_interleave(100)[:, None]  # 30: many ids exp() to 0 in fp32
     logits = torch.randn(300, vocab, generator=generator) * scale
     uniforms = torch.rand(300, generator=generator, dtype=torch.float64)
-    uniforms[:3] = torch.tensor([0.0, 1 - 2.0 ** -53, 1.0], dtype=torch.float64)  # 1.0: see sample_categorical
     ids, logprobs = blocked_sampler(logits, temperature, uniforms)
     expected_ids, expected_logprobs = sample_with_logprobs(logits, temperature, 1.0, uniforms)
     assert ids.tolist() == expected_ids.tolist()
     torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+    # At u = 0 and within rounding of 1 the two may pick different ids of the rounding-sized tail,
+    # but every draw must be a valid id with a finite log-probability.
+    for u in (0.0, 1 - 2.0 ** -53, 1.0):  # 1.0: see sample_categorical
+        ids, logprobs = blocked_sampler(logits, temperature, torch.full((300,), u, dtype=torch.float64))
+        assert ((ids >= 0) & (ids < vocab)).all(), u
+        assert torch.isfinite(logprobs).all(), u
 
 
 def test_blocked_sampler_rounding_fallback():
@@ -378,6 +383,19 @@ def test_blocked_sampler_rounding_fallback():
     expected_ids, _ = sample_with_logprobs(logits, 1.0, 1.0, uniforms)
     assert ids.tolist() == expected_ids.tolist() == [12]
     assert torch.isfinite(logprobs).all()
+
+
+def test_samplers_give_id_0_to_diverged_rows():
+    # NaN logits (a diverged model) must not give the out-of-range id V, which stopped generate
+    logits = torch.randn(4, 40)
+    logits[1] = float("nan")
+    logits[2] = float("-inf")
+    uniforms = torch.full((4,), 0.5, dtype=torch.float64)
+    blocked_ids, _ = sample_blocked(logits, 1.0, uniforms)
+    reference_ids, _ = sample_with_logprobs(logits, 1.0, 1.0, uniforms)
+    assert blocked_ids[1:3].tolist() == [0, 0]
+    assert reference_ids[1:3].tolist() == [0, 0]
+    assert sample_categorical(torch.zeros(1, 5), torch.full((1,), 0.5, dtype=torch.float64)).tolist() == [0]
 
 
 def test_blocked_sampler_never_draws_zero_probability():

@@ -170,6 +170,21 @@ def test_compile_failure_falls_back_to_eager(caplog):
     assert wrapper(torch.tensor(4.0)).item() == 8.0  # later calls go straight to eager
 
 
+def test_input_error_keeps_compilation(caplog):
+    # an error that eager raises too is the input's, not the compiler's: it propagates, unlogged
+    def checked(x):
+        if x.item() < 0:
+            raise ValueError("negative input")
+        return 2 * x
+
+    wrapper = MaybeCompiled(checked)
+    wrapper.compiled = checked
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="negative input"):
+        wrapper(torch.tensor(-1.0))
+    assert wrapper.enabled
+    assert "using eager" not in caplog.text
+
+
 def test_token_logprobs_temperature():
     logits = random_logits(2, 3, 9)
     targets = torch.tensor([[0, 4, 8], [1, 1, 2]])
