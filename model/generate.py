@@ -44,10 +44,15 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     training forward's agree and the first GRPO importance ratio is 1. Temperature 0 (greedy) uses
     the unscaled distribution.
     """
+    return torch.log_softmax(scaled_logits(logits, temperature), dim=-1)
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Return the logits in fp32, divided by the temperature unless it is 0 (greedy) or 1."""
     logits = logits.float()
     if temperature > 0 and temperature != 1:  # dividing by 1 is exact, so it is skipped
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
+    return logits
 
 
 _MASK32 = 0xFFFFFFFF
@@ -139,7 +144,7 @@ def sample_blocked(logits: torch.Tensor, temperature: float,
     log-probabilities (N,).
 
     The vocabulary is cut into blocks of about sqrt(V) ids. One pass exponentiates the logits and
-    sums each block in float64; the cumulative sum over the blocks finds the block where the
+    sums each block in float64. The cumulative sum over the blocks then finds the block where the
     threshold falls, and a cumulative sum inside that block finds the id. sample_categorical
     instead writes log-probabilities, probabilities and their float64 cumulative sum over all V.
     The ids are the same unless a threshold falls within rounding of a boundary: the two
@@ -147,7 +152,7 @@ def sample_blocked(logits: torch.Tensor, temperature: float,
     maximum) and sum them in another order. One id in 200,000 draws at V = 2048 differed in a
     check with random logits; tests/test_generate.py compares both.
     """
-    x = logits.float() if temperature == 1 else logits.float() / temperature
+    x = scaled_logits(logits, temperature)
     N, V = x.shape
     block = 1 << max(4, round(V.bit_length() / 2))  # a power of two near sqrt(V)
     if V % block:
@@ -278,7 +283,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     active = torch.arange(rows, device=device)  # output rows still generating, in cache order
     keys = None if row_keys is None else torch.tensor(row_keys, dtype=torch.long, device=device)  # (rows,)
 
-    def uniforms(step):  # (A,) float64 numbers that draw the active rows' ids at `step`; None when greedy
+    def uniforms(step):  # (A,) float64 numbers that draw the active rows' ids at `step`, or None when greedy
         if temperature == 0:
             return None
         if keys is not None:
