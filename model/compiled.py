@@ -32,7 +32,8 @@ class MaybeCompiled:
                 with torch._dynamo.config.patch(specialize_float=True):
                     return self.compiled(*args)
             except Exception as e:  # compiler missing or unsupported op: eager computes the same function
-                # Where eager fails too, the inputs are at fault: its error propagates and compilation stays on.
+                # Eager runs first. Where it fails too, the inputs are at fault, so its error propagates
+                # and compilation stays on.
                 result = self.fn(*args)
                 log.warning("torch.compile failed for %s, using eager: %s", self.fn.__name__, e)
                 self.enabled = False

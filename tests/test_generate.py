@@ -369,10 +369,10 @@ def test_blocked_sampler_matches_reference(blocked_sampler, vocab, temperature):
 
 
 def test_blocked_sampler_rounding_fallback():
-    # Random logits scaled by 33, with exp() of the lowest ones denormal in fp32. With torch 2.13 on
-    # x86-64, the float64 sum of the first block came out one rounding step above the cumulative sum
-    # inside it, so at u = 1 no id of the block passed the threshold. The draw must be the first id
-    # that reaches the total, as in sample_categorical, not the block's last id (probability ~1e-42).
+    # With torch 2.13 on x86-64, these logits put the first block's float64 sum one rounding step above
+    # the cumulative sum inside it, so at u = 1 no id passes the threshold and the fallback picks the id.
+    # It must be the first id that reaches the total, as in sample_categorical, not the block's last
+    # id (probability about 1e-42).
     finite = [10.345311164855957, -6.6386847496032715, 64.81097412109375, 25.73446273803711, -57.40557861328125,
               11.537744522094727, 49.3563117980957, 15.501708984375, 21.869529724121094, 28.9705867767334,
               6.6868696212768555, -37.416507720947266, 39.510746002197266, 0.7060828804969788, -24.13774871826172,
@@ -386,7 +386,7 @@ def test_blocked_sampler_rounding_fallback():
 
 
 def test_samplers_give_id_0_to_diverged_rows():
-    # NaN logits (a diverged model) must not give the out-of-range id V, which stopped generate
+    # NaN logits (a diverged model) must not give the out-of-range id V: generate raised an index error on it
     logits = torch.randn(4, 40)
     logits[1] = float("nan")
     logits[2] = float("-inf")
