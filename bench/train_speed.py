@@ -4,9 +4,8 @@
 
 A step is what train.py does per optimizer update: forward, the mean next-token cross-entropy,
 backward, gradient clipping and AdamW. Ours computes the loss with pcl.losses.token_cross_entropy,
-which chunks only logits of 2^25 elements or more (not the default 4 x 512 x 8192); transformers
-computes it inside the model from `labels`. transformers builds a random
-model and saves it, and our load_pretrained reads it back, so both sides have the same weights.
+which chunks logits of 2^22 elements or more (the default 4 x 512 x 8192 among them); transformers
+computes it inside the model from `labels`. transformers builds a random model and saves it, and our load_pretrained reads it back, so both sides have the same weights.
 Both run in this process on the same batch, one step at a time and interleaved, after one
 untimed warm-up step each. Each side has its own AdamW, so both take the same steps from the same start.
 
