@@ -146,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="torch.compile the decode step of rollouts and of the evaluation track's samples "
                           "(model.generate); off by default because its rounding differs from eager, which changes "
                           "the sampled ids and so the default run's results (BENCHMARKS.md has its speed)")
+    run.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=False,
+                     help="torch.compile each decoder layer of the training forward passes (generation keeps its "
+                          "own setting, --compile-decode); off by default because its rounding differs from eager, "
+                          "which changes the default run's results (BENCHMARKS.md has its speed)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its newest usable checkpoint; options not given take "
@@ -662,6 +666,7 @@ class Trainer:
         # over the processes, but each process's loss is its part of a sum divided by the normaliser
         # of the whole step (see grpo_backward and sft_backward). So the losses are multiplied by the
         # world size: the average of world_size * (part of the sum) is the single-process gradient.
+        model.compile_layers = args.compile_layers
         self.train_model, self.grad_scale = model, float(ctx.world_size)
         if ctx.enabled and not distributed.is_sharded(model):
             self.train_model = torch.nn.parallel.DistributedDataParallel(
@@ -881,6 +886,7 @@ class Trainer:
             copied = Transformer(self.model.config)
         distributed.shard_model(copied, self.args.dtype)
         copied.to_empty(device=self.device)
+        copied.compile_layers = self.model.compile_layers
         with torch.no_grad():
             for target, source in zip(copied.parameters(), self.model.parameters()):
                 target.to_local().copy_(source.to_local())

@@ -8,16 +8,20 @@ which chunks logits of 2^22 elements or more (the default 4 x 512 x 8192 among t
 computes it inside the model from `labels`. transformers builds a random model and saves it, and our load_pretrained reads it back, so both sides have the same weights.
 Both run in this process on the same batch, one step at a time and interleaved, after one
 untimed warm-up step each. Each side has its own AdamW, so both take the same steps from the same start.
+With --compile-layers (the default) a third side, a copy of our model, runs its decoder layers
+through torch.compile, as train.py does with --compile-layers; its warm-up step includes the
+compilation and is reported.
 
 Model FLOPs utilisation (MFU) divides the model FLOPs of a step by the time and by this machine's
 fp32 matrix-multiply peak, measured in the same run as the best of several --peak-size square
 torch.mm calls, before and after the steps. Model FLOPs per token are 6 * N + 12 * L * D * T
 (N: parameters in matrix multiplies, the output layer included and the input embedding not; the
 second term is attention's q.k and p.v products at full T x T, as nanoGPT and the PaLM paper
-count them). The last line is a JSON summary; the ratio is ours / transformers in tokens/s.
+count them). The last line is a JSON summary; the ratios are ours / transformers in tokens/s.
 """
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -66,6 +70,8 @@ def main():
     run_group.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
     run_group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                            help="torch.compile the per-chunk arithmetic of our cross-entropy")
+    run_group.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=True,
+                           help="also time our model with its decoder layers compiled (train.py --compile-layers)")
     run_group.add_argument("--seed", type=int, default=0, help="seed of the weights and the token ids")
     args = p.parse_args()
     transformers.utils.logging.disable_progress_bar()
@@ -105,10 +111,18 @@ def main():
         return model(input_ids=ids, labels=ids).loss
 
     sides = {"ours": step_fn(ours, ours_loss), "peer": step_fn(peer, peer_loss)}
+    if args.compile_layers:
+        compiled = copy.deepcopy(ours)
+        compiled.compile_layers = True
+        sides["ours_compiled"] = step_fn(compiled, ours_loss)
 
     # ---- interleaved timing, with the matmul peak measured before and after
     peak = matmul_peak_flops(args.peak_size)
-    first_losses = {name: step() for name, step in sides.items()}  # warm-up
+    first_losses, warm_up = {}, {}
+    for name, step in sides.items():
+        start = time.perf_counter()
+        first_losses[name] = step()
+        warm_up[name] = time.perf_counter() - start
     times = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, step in sides.items():
@@ -133,14 +147,24 @@ def main():
     print(f"training step B={B} T={T} (forward, backward, clip, AdamW): ours {rate['ours']:,.0f} tok/s "
           f"(MFU {100 * mfu['ours']:.0f}%), transformers eager {rate['peer']:,.0f} tok/s (MFU {100 * mfu['peer']:.0f}%), "
           f"ratio {rate['ours'] / rate['peer']:.2f}")
-    print(json.dumps({
+    summary = {
         "bench": "train_speed", "family": args.family, "hidden": args.hidden, "layers": args.layers,
         "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab, "batch": B, "time": T,
         "threads": torch.get_num_threads(), "repeats": args.repeats, "compile": args.compile,
         "ours_tokens_per_s": rate["ours"], "peer_tokens_per_s": rate["peer"], "speed_ratio": rate["ours"] / rate["peer"],
         "matmul_peak_flops": peak, "model_flops_per_step": flops_per_step, "ours_mfu": mfu["ours"], "peer_mfu": mfu["peer"],
         "first_loss_ours": first_losses["ours"], "first_loss_peer": first_losses["peer"],
-    }))
+    }
+    if args.compile_layers:
+        print(f"ours with compiled layers: {rate['ours_compiled']:,.0f} tok/s (MFU {100 * mfu['ours_compiled']:.0f}%), "
+              f"ratio {rate['ours_compiled'] / rate['peer']:.2f} (warm-up step with compilation: "
+              f"{warm_up['ours_compiled']:.1f} s; first-step loss {first_losses['ours_compiled']:.6f})")
+        summary.update({
+            "compiled_tokens_per_s": rate["ours_compiled"], "compiled_speed_ratio": rate["ours_compiled"] / rate["peer"],
+            "compiled_mfu": mfu["ours_compiled"], "compiled_warm_up_s": warm_up["ours_compiled"],
+            "first_loss_compiled": first_losses["ours_compiled"],
+        })
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.compiled import MaybeCompiled
 from model.config import ModelConfig
 
 
@@ -247,6 +248,16 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def _layer(layer: Block, x, cos, sin, mask):
+    """One decoder layer of a forward pass without a cache."""
+    return layer(x, cos, sin, mask, None, 0)
+
+
+# One compiled function for every layer: the layers' parameters are inputs of its graph, so layers
+# of the same shape share one compilation.
+_layer_compiled = MaybeCompiled(_layer)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -256,6 +267,10 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        # Run the decoder layers of forward passes without a cache through torch.compile: train.py's
+        # --compile-layers. Generation never uses it. The compiled layers fuse the element-wise
+        # operations, so they round differently from eager.
+        self.compile_layers = False
 
     def _apply(self, fn, recurse=True):
         # keep the rope frequencies in fp32 whatever dtype the weights are cast to: a bf16 copy
@@ -313,8 +328,9 @@ class Transformer(nn.Module):
         rotary_tables() and the boolean attention mask (B or 1, 1, T, S) of every query over all S
         keys (None: causal). Unlike forward(), it leaves the cache's length to the caller."""
         x = self.model.embed_tokens(input_ids)
+        compiled = self.compile_layers and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = _layer_compiled(layer, x, cos, sin, mask) if compiled else layer(x, cos, sin, mask, cache, i)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -268,6 +268,16 @@ def test_compile_decode_reaches_generate(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["steps"] > 0
 
 
+def test_compile_layers_reaches_the_training_forward(tmp_path, monkeypatch):
+    # --compile-layers must reach the forward passes that train; eager stands in for the compiled function
+    import model.transformer as transformer_module
+    calls = []
+    monkeypatch.setattr(transformer_module, "_layer_compiled",
+                        lambda *args: calls.append(1) or transformer_module._layer(*args))
+    run(tmp_path, "--phase", "hybrid", "--compile-layers")
+    assert calls
+
+
 def test_config_value_starting_with_dash(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('out = "--steps"\n')

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.transformer as transformer_module
 from model.config import ModelConfig
+from model.generate import generate
 from model.transformer import KVCache, Transformer, rope_inverse_frequencies
 
 V = 64
@@ -174,6 +176,51 @@ def test_explicit_position_ids_shift(make_model):
         plain = model(ids, position_ids=positions)
         shifted = model(ids, position_ids=positions + 5)
     torch.testing.assert_close(shifted, plain, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled layers (train.py --compile-layers)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
+def test_compiled_layers_match_eager(make_model, monkeypatch, padded):
+    model = make_model(**REFERENCE_CONFIGS["qwen3"])  # q/k norms and a head width of its own
+    ids = random_ids(3, 9)
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+    compiled_calls = []
+    compiled_layer = transformer_module._layer_compiled
+    monkeypatch.setattr(transformer_module, "_layer_compiled",
+                        lambda *args: compiled_calls.append(1) or compiled_layer(*args))
+    results = []
+    for compiled in (False, True):
+        model.compile_layers = compiled
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask)
+        logits.square().mean().backward()  # every logit gets a gradient
+        results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    assert len(compiled_calls) == model.config.num_hidden_layers
+    assert compiled_layer.enabled, "compilation failed and fell back to eager"
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_generation_does_not_compile_layers(make_model, monkeypatch):
+    # the forward passes of generate go through a cache, which the compiled layer function never sees
+    model = make_model()
+    prompts = [[1, 2, 3], [4, 5]]
+    expected = generate(model, prompts, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=0.0)
+
+    def refuse(*args):
+        raise AssertionError("generate ran a compiled layer")
+
+    monkeypatch.setattr(transformer_module, "_layer_compiled", refuse)
+    model.compile_layers = True
+    assert generate(model, prompts, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=0.0).tokens == expected.tokens
 
 
 # ---------------------------------------------------------------------------------------------
