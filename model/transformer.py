@@ -249,11 +249,11 @@ class Backbone(nn.Module):
 
 
 def _layer(layer: Block, x, cos, sin, mask):
-    """One decoder layer of a forward pass without a cache."""
+    """Run one decoder layer of a forward pass without a cache."""
     return layer(x, cos, sin, mask, None, 0)
 
 
-# One compiled function for every layer: the layers' parameters are inputs of its graph, so layers
+# One compiled function serves every layer. The layers' parameters are inputs of its graph, so layers
 # of the same shape share one compilation.
 _layer_compiled = MaybeCompiled(_layer)
 
@@ -267,9 +267,9 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
-        # Run the decoder layers of forward passes without a cache through torch.compile: train.py's
-        # --compile-layers. Generation never uses it. The compiled layers fuse the element-wise
-        # operations, so they round differently from eager.
+        # With compile_layers (train.py --compile-layers), forward passes without a KV cache run each
+        # decoder layer through torch.compile. Generation always uses a cache, so it never compiles
+        # them. The compiled layers fuse the element-wise operations and round differently from eager.
         self.compile_layers = False
 
     def _apply(self, fn, recurse=True):

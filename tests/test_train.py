@@ -269,7 +269,7 @@ def test_compile_decode_reaches_generate(tmp_path, monkeypatch):
 
 
 def test_compile_layers_reaches_the_training_forward(tmp_path, monkeypatch):
-    # --compile-layers must reach the forward passes that train; eager stands in for the compiled function
+    # --compile-layers must reach the training forward passes. Eager replaces the compiled function here.
     import model.transformer as transformer_module
     calls = []
     monkeypatch.setattr(transformer_module, "_layer_compiled",

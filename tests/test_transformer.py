@@ -210,15 +210,15 @@ def test_compiled_layers_match_eager(make_model, monkeypatch, padded):
 
 
 def test_generation_does_not_compile_layers(make_model, monkeypatch):
-    # the forward passes of generate go through a cache, which the compiled layer function never sees
+    # the forward passes of generate use a KV cache, so they never call the compiled layer function
     model = make_model()
     prompts = [[1, 2, 3], [4, 5]]
     expected = generate(model, prompts, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=0.0)
 
-    def refuse(*args):
+    def reject(*args):
         raise AssertionError("generate ran a compiled layer")
 
-    monkeypatch.setattr(transformer_module, "_layer_compiled", refuse)
+    monkeypatch.setattr(transformer_module, "_layer_compiled", reject)
     model.compile_layers = True
     assert generate(model, prompts, max_new_tokens=4, stop_ids=[], pad_id=0, temperature=0.0).tokens == expected.tokens
 
