@@ -147,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "(model.generate); off by default because its rounding differs from eager, which changes "
                           "the sampled ids and so the default run's results (BENCHMARKS.md has its speed)")
     run.add_argument("--compile-layers", action=argparse.BooleanOptionalAction, default=False,
-                     help="torch.compile each decoder layer of the training forward passes (generation keeps its "
+                     help="torch.compile each decoder layer of the forward passes without a KV cache: training, the "
+                          "reference model and the held-out evaluation's reward probabilities (generation keeps its "
                           "own setting, --compile-decode); off by default because its rounding differs from eager, "
                           "which changes the default run's results (BENCHMARKS.md has its speed)")
     run.add_argument("--log-every", type=int, default=10, help="steps between log lines")
@@ -1041,6 +1042,7 @@ class Trainer:
                 self.ref_model = checkpoint.reference.to(self.device)
                 if distributed.is_sharded(self.model):
                     self.ref_model = distributed.shard_model(self.ref_model, self.args.dtype)
+                self.ref_model.compile_layers = self.model.compile_layers  # as frozen_copy sets it
         set_rng_state(checkpoint.tensors, state["rng"], self.generator, self.rng)
         self.saved_folder = checkpoint.folder
 

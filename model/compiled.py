@@ -19,7 +19,10 @@ class MaybeCompiled:
     the 42 s that a first compilation of the decode step took, with an empty inductor cache.
 
     Past torch._dynamo.config.recompile_limit graphs for one function (8 by default), dynamo
-    itself runs further shapes eagerly, with torch's warning and not this one."""
+    itself runs further shapes eagerly, with torch's warning and not this one.
+
+    NOTE: only errors raised during the call fall back. Where torch compiles a backward graph
+    later (in loss.backward()), its failure raises there."""
 
     def __init__(self, fn, **options):
         self.fn = fn

@@ -253,6 +253,21 @@ def _layer(layer: Block, x, cos, sin, mask):
     return layer(x, cos, sin, mask, None, 0)
 
 
+def _mark_layer_sizes_dynamic(x, cos, sin, mask):
+    """Make the batch size and the lengths of a layer's inputs torch.compile symbols. Sizes of 1
+    stay unmarked, because torch.compile always specialises them.
+
+    Unmarked, a size that equalled a weight dimension at the first call (a batch of 32 rows in a model
+    with 32-wide heads) was compiled in as a constant, and every other batch size compiled again.
+    """
+    marks = [(x, 0), (x, 1), (cos, 0), (cos, 2), (sin, 0), (sin, 2)]  # x (B, T, D), cos and sin (B, 1, T, Dh)
+    if mask is not None:
+        marks += [(mask, 0), (mask, 2), (mask, 3)]  # (B or 1, 1, T, S)
+    for tensor, dim in marks:
+        if tensor.shape[dim] >= 2:
+            torch._dynamo.mark_dynamic(tensor, dim)
+
+
 # One compiled function serves every layer. The layers' parameters are inputs of its graph, so layers
 # of the same shape share one compilation.
 _layer_compiled = MaybeCompiled(_layer)
@@ -330,7 +345,11 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         compiled = self.compile_layers and cache is None
         for i, layer in enumerate(self.model.layers):
-            x = _layer_compiled(layer, x, cos, sin, mask) if compiled else layer(x, cos, sin, mask, cache, i)
+            if compiled:
+                _mark_layer_sizes_dynamic(x, cos, sin, mask)
+                x = _layer_compiled(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))

@@ -326,6 +326,30 @@ def test_every_checkpoint_resumes_exactly(tmp_path):
         assert compare_runs(full, out) == 0, step
 
 
+def test_resumed_reference_model_compiles_layers(tmp_path, monkeypatch):
+    # With --compile-layers the reference model's forward passes run the compiled layer function, also
+    # when the reference model comes from a checkpoint. Eager replaces the compiled function here.
+    import model.transformer as transformer_module
+    frozen_calls = []
+
+    def layer(block, *args):
+        frozen_calls.append(not block.input_layernorm.weight.requires_grad)
+        return transformer_module._layer(block, *args)
+
+    monkeypatch.setattr(transformer_module, "_layer_compiled", layer)
+    full = tmp_path / "full"
+    run(full, "--phase", "hybrid", "--steps", "3", "--save-every", "1", "--keep", "6", "--compile-layers")
+    assert any(frozen_calls)
+    out = copy_run(full, tmp_path / "from-4")  # step 4 is the first hybrid step, so a reference model is saved
+    for folder in (out / "checkpoints").glob("step-*"):
+        if int(folder.name.removeprefix("step-")) > 4:
+            shutil.rmtree(folder)
+    frozen_calls.clear()
+    train.main(["--resume", "--out", str(out)])
+    assert any(frozen_calls)
+    assert compare_runs(full, out) == 0
+
+
 # non-finite updates --------------------------------------------------------------------------
 
 

@@ -1,10 +1,13 @@
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.compile_fx import compile_fx
 
 import model.transformer as transformer_module
+from model.compiled import MaybeCompiled
 from model.config import ModelConfig
 from model.generate import generate
 from model.transformer import KVCache, Transformer, rope_inverse_frequencies
@@ -182,6 +185,27 @@ def test_explicit_position_ids_shift(make_model):
 # Compiled layers (train.py --compile-layers)
 
 
+COUNTED_COPIES = itertools.count()
+
+
+def count_layer_graphs(monkeypatch) -> tuple[MaybeCompiled, list]:
+    """Route the compiled layer function through a fresh torch.compile with inductor, and return it
+    with the list of graphs that inductor compiles for it."""
+    graphs = []
+
+    def inductor(graph, example_inputs):
+        graphs.append(graph)
+        return compile_fx(graph, example_inputs)
+
+    # torch.compile keeps what it compiled per code object, so each copy gets a code object of its own
+    layer = transformer_module._layer
+    fresh = type(layer)(layer.__code__.replace(co_name=f"layer_{next(COUNTED_COPIES)}"), layer.__globals__)
+    counted = MaybeCompiled(fresh)
+    counted.compiled = torch.compile(fresh, dynamic=True, backend=inductor)
+    monkeypatch.setattr(transformer_module, "_layer_compiled", counted)
+    return counted, graphs
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "padded"])
 def test_compiled_layers_match_eager(make_model, monkeypatch, padded):
     model = make_model(**REFERENCE_CONFIGS["qwen3"])  # q/k norms and a head width of its own
@@ -190,8 +214,8 @@ def test_compiled_layers_match_eager(make_model, monkeypatch, padded):
     if padded:
         mask = torch.ones_like(ids)
         mask[0, :4] = 0
+    compiled_layer, graphs = count_layer_graphs(monkeypatch)
     compiled_calls = []
-    compiled_layer = transformer_module._layer_compiled
     monkeypatch.setattr(transformer_module, "_layer_compiled",
                         lambda *args: compiled_calls.append(1) or compiled_layer(*args))
     results = []
@@ -203,10 +227,22 @@ def test_compiled_layers_match_eager(make_model, monkeypatch, padded):
         results.append((logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
     assert len(compiled_calls) == model.config.num_hidden_layers
     assert compiled_layer.enabled, "compilation failed and fell back to eager"
+    assert len(graphs) == 1, "inductor compiled no graph, or one per layer"
     (eager, eager_grads), (compiled, compiled_grads) = results
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_layers_keep_batch_and_length_symbolic(make_model, monkeypatch):
+    # the first batch's size equals the head width (32), which torch.compile once compiled in as a constant
+    model = make_model(hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    assert model.config.head_dim == 32
+    model.compile_layers = True
+    _, graphs = count_layer_graphs(monkeypatch)
+    for B, T in [(32, 5), (7, 5), (3, 32), (3, 11)]:
+        model(random_ids(B, T)).sum().backward()
+    assert len(graphs) == 1
 
 
 def test_generation_does_not_compile_layers(make_model, monkeypatch):
