@@ -7,6 +7,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def mark_sizes_dynamic(marks: list[tuple[torch.Tensor, int]]):
+    """Make each size (tensor, dim) in `marks` a torch.compile symbol, so that a call with another
+    value of it reuses the compiled graph. Sizes below 2 stay unmarked, because torch.compile always
+    specialises 0 and 1."""
+    for tensor, dim in marks:
+        if tensor.shape[dim] >= 2:
+            torch._dynamo.mark_dynamic(tensor, dim)
+
+
 class MaybeCompiled:
     """A function run through torch.compile(dynamic=True), falling back to eager (with one
     warning) where compilation is unavailable or fails. `options` go to torch.compile's inductor

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.compiled import MaybeCompiled
+from model.compiled import MaybeCompiled, mark_sizes_dynamic
 from model.transformer import KVCache, StaticKVCache, Transformer
 
 
@@ -214,9 +214,7 @@ def _mark_sizes_symbolic(ids, positions, rotary, uniforms, step: StaticKVCache, 
         marks.append((uniforms, 0))
     for tensor in (step.prompt_keys, step.prompt_values, step.keys, step.values, buffers.keys, buffers.values):
         marks += [(tensor, 1), (tensor, 3)]  # (L, N or A, K, P or S, Dh)
-    for tensor, dim in marks:
-        if tensor.shape[dim] >= 2:
-            torch._dynamo.mark_dynamic(tensor, dim)
+    mark_sizes_dynamic(marks)
 
 
 # With cpp_wrapper the graph's kernels are called from C++ rather than from Python.

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.compiled import MaybeCompiled
+from model.compiled import MaybeCompiled, mark_sizes_dynamic
 from model.config import ModelConfig
 
 
@@ -254,8 +254,7 @@ def _layer(layer: Block, x, cos, sin, mask):
 
 
 def _mark_layer_sizes_dynamic(x, cos, sin, mask):
-    """Make the batch size and the lengths of a layer's inputs torch.compile symbols. Sizes of 1
-    stay unmarked, because torch.compile always specialises them.
+    """Make the batch size and the lengths of a layer's inputs torch.compile symbols.
 
     Unmarked, a size that equalled a weight dimension at the first call (a batch of 32 rows in a model
     with 32-wide heads) was compiled in as a constant, and every other batch size compiled again.
@@ -263,9 +262,7 @@ def _mark_layer_sizes_dynamic(x, cos, sin, mask):
     marks = [(x, 0), (x, 1), (cos, 0), (cos, 2), (sin, 0), (sin, 2)]  # x (B, T, D), cos and sin (B, 1, T, Dh)
     if mask is not None:
         marks += [(mask, 0), (mask, 2), (mask, 3)]  # (B or 1, 1, T, S)
-    for tensor, dim in marks:
-        if tensor.shape[dim] >= 2:
-            torch._dynamo.mark_dynamic(tensor, dim)
+    mark_sizes_dynamic(marks)
 
 
 # One compiled function serves every layer. The layers' parameters are inputs of its graph, so layers
