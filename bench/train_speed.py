@@ -5,11 +5,12 @@
 A step is what train.py does per optimizer update: forward, the mean next-token cross-entropy,
 backward, gradient clipping and AdamW. Ours computes the loss with pcl.losses.token_cross_entropy,
 which chunks logits of 2^22 elements or more (the default 4 x 512 x 8192 among them); transformers
-computes it inside the model from `labels`. transformers builds a random model and saves it, and our load_pretrained reads it back, so both sides have the same weights.
+computes it inside the model from `labels`. transformers builds a random model and saves it, and
+our load_pretrained reads it back, so both sides have the same weights.
 Both run in this process on the same batch, one step at a time and interleaved, after one
 untimed warm-up step each. Each side has its own AdamW, so both take the same steps from the same start.
 With --compile-layers (the default) a third side, a copy of our model, runs its decoder layers
-through torch.compile, as train.py does with --compile-layers; its warm-up step includes the
+through torch.compile, as train.py does with --compile-layers. Its warm-up step includes the
 compilation and is reported.
 
 Model FLOPs utilisation (MFU) divides the model FLOPs of a step by the time and by this machine's
@@ -17,7 +18,7 @@ fp32 matrix-multiply peak, measured in the same run as the best of several --pea
 torch.mm calls, before and after the steps. Model FLOPs per token are 6 * N + 12 * L * D * T
 (N: parameters in matrix multiplies, the output layer included and the input embedding not; the
 second term is attention's q.k and p.v products at full T x T, as nanoGPT and the PaLM paper
-count them). The last line is a JSON summary; the ratios are ours / transformers in tokens/s.
+count them). The last line is a JSON summary. The ratios are ours / transformers in tokens/s.
 """
 
 import argparse

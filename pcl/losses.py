@@ -22,8 +22,8 @@ def token_cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, m
 
 
 # Logits from which token_cross_entropy and the SFT loss chunk: 2^22 is 16 MiB in fp32. The chunked
-# path was 2.3x to 2.9x faster than the plain one from 5.9M to 16.8M logits on the machine of
-# BENCHMARKS.md, but it rounds differently. The default run's logits (at most 32 x 160 x 420, 2.2M)
+# path was 2.3x to 2.9x faster than the plain one from 5.9M to 16.8M logits on the 2-core Intel
+# machine of BENCHMARKS.md, but it rounds differently. The default run's logits (at most 32 x 160 x 420, 2.2M)
 # stay below, so its arithmetic, and the numbers in RESULTS.md, stay those of F.cross_entropy.
 CHUNKED_CROSS_ENTROPY_MIN_LOGITS = 2 ** 22
 
